@@ -1,0 +1,55 @@
+# Set-up is automatic: every target that needs the virtual environment builds it first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-fast demo-build clean lint
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[local,dev]'
+	touch $@
+
+install: $(STAMP)
+
+## run: distill the embedded demo teachers into the student (builds the demo models on first use)
+run: $(STAMP)
+	$(BIN)/mopd-serve
+
+## test: the whole test suite
+test: $(STAMP)
+	$(BIN)/pytest
+
+## test-fast: skip the end-to-end runs
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow"
+
+## demo-build: build (or reuse) the embedded demo models and data
+demo-build: $(STAMP)
+	$(BIN)/mopd build-demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
+
+.PHONY: prometheus-check deploy-lint
+## prometheus-check: run every dashboard query against Prometheus scraping a short mopd-serve run (installs Debian's prometheus as root)
+prometheus-check: $(STAMP)
+	$(BIN)/python scripts/prometheus_check.py
+
+## deploy-lint: lint the YAML under deploy/ and validate the Kubernetes manifests against their schemas
+deploy-lint: $(STAMP)
+	$(BIN)/yamllint --strict -c deploy/.yamllint deploy/
+	$(BIN)/kubernetes-validate --strict deploy/k8s/*.yaml
+	$(BIN)/hadolint deploy/Dockerfile
+
+.PHONY: bench
+## bench: simulated-deployment benchmarks of the pipeline; the last line is a JSON object of figures
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+.PHONY: e2e
+## e2e: distill the trained demo teachers into the student through three loopback model servers over HTTP (MOPD_BACKEND=openai)
+e2e: $(STAMP)
+	$(BIN)/python -m mopd.modelserver.loopback --state-dir runs/e2e

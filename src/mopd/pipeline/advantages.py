@@ -1,0 +1,162 @@
+"""Stage 4: check alignment, compute per-token advantages, build datums.
+
+Sample reason codes (the ``reason`` label of ``mopd_samples_rejected_total``):
+
+    teacher_<reason>     the teacher failed to score the sample
+    empty_completion     the sampler produced no token
+    truncated            cut at max_tokens while MOPD_TRUNCATED_POLICY=skip
+    length_mismatch      teacher logprobs, sampling logprobs and completion ids differ in length
+    echo_mismatch        the teacher echoed ids other than the ones sent
+    nonfinite_logprob    a logprob is missing, NaN or infinite
+    clamped_logprob      a logprob is at or below a server's clamping sentinel
+    stale_policy         the sample is older than MOPD_MAX_POLICY_LAG allows
+
+A row none of whose samples can be trained goes to the rejects file as
+``no_trainable_samples`` with the per-sample reasons.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from typing import Literal
+
+import structlog
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from mopd.metrics import Metrics
+from mopd.pipeline.gate import StepGate
+from mopd.pipeline.reader import RejectsFile
+from mopd.types import Datum, RouteStats, ScoredGroup, TrainGroup
+
+log = structlog.get_logger(__name__)
+
+# vLLM reports logprobs it clamped as -9999.0; anything at or below this is not a real value.
+CLAMP_SENTINEL = -9999.0
+
+
+def check_sample(
+    *,
+    completion_ids_T: Sequence[int],
+    sampling_logprobs_T: Sequence[float],
+    teacher_logprobs_T: Sequence[float] | None,
+    echoed_ids_T: Sequence[int] | None,
+    failure: str | None,
+    finish_reason: str,
+    truncated_policy: Literal["train", "skip"],
+) -> str | None:
+    """Return the reason this sample cannot be trained, or None when it can."""
+    if failure is not None:
+        return failure
+    if not completion_ids_T:
+        return "empty_completion"
+    if finish_reason == "length" and truncated_policy == "skip":
+        return "truncated"
+    if teacher_logprobs_T is None:
+        return "nonfinite_logprob"
+    if not (len(teacher_logprobs_T) == len(sampling_logprobs_T) == len(completion_ids_T)):
+        return "length_mismatch"
+    if echoed_ids_T is not None and tuple(echoed_ids_T) != tuple(completion_ids_T):
+        return "echo_mismatch"
+    for value in (*teacher_logprobs_T, *sampling_logprobs_T):
+        if value is None or not math.isfinite(value):
+            return "nonfinite_logprob"
+        if value <= CLAMP_SENTINEL:
+            return "clamped_logprob"
+    return None
+
+
+def make_datum(
+    *,
+    prompt_ids_T: Sequence[int],
+    completion_ids_T: Sequence[int],
+    sampling_logprobs_T: Sequence[float],
+    teacher_logprobs_T: Sequence[float],
+    loss_scale: float,
+) -> Datum:
+    """Build the training sequence: advantage ``loss_scale * (teacher - sampling)``
+    on completion targets, 0 on prompt targets."""
+    tokens = list(prompt_ids_T) + list(completion_ids_T)
+    prompt_targets = len(prompt_ids_T) - 1
+    advantages = [loss_scale * (t - s) for t, s in zip(teacher_logprobs_T, sampling_logprobs_T, strict=True)]
+    return Datum(
+        input_ids_T=tuple(tokens[:-1]),
+        target_ids_T=tuple(tokens[1:]),
+        sampling_logprobs_T=(0.0,) * prompt_targets + tuple(sampling_logprobs_T),
+        advantages_T=(0.0,) * prompt_targets + tuple(advantages),
+        mask_T=(0.0,) * prompt_targets + (1.0,) * len(completion_ids_T),
+    )
+
+
+def build_train_group(
+    scored: ScoredGroup, *, loss_scale: float, truncated_policy: Literal["train", "skip"]
+) -> TrainGroup:
+    """Check every sample of a scored group and build the datums of those that pass."""
+    group = scored.group
+    samples = group.samples_S
+    count = len(samples)
+    teacher_S = scored.teacher_logprobs_S if len(scored.teacher_logprobs_S) == count else (None,) * count
+    failures_S = scored.failures_S or (None,) * count
+    if len(scored.teacher_logprobs_S) != count:
+        failures_S = ("length_mismatch",) * count
+    echoed_S = scored.echoed_ids_S if len(scored.echoed_ids_S) == count else (None,) * count
+
+    datums = []
+    rejected: Counter[str] = Counter()
+    stats = RouteStats()
+    for sample, teacher_T, failure, echoed_T in zip(samples, teacher_S, failures_S, echoed_S, strict=True):
+        reason = check_sample(
+            completion_ids_T=sample.completion_ids_T, sampling_logprobs_T=sample.sampling_logprobs_T,
+            teacher_logprobs_T=teacher_T, echoed_ids_T=echoed_T, failure=failure,
+            finish_reason=sample.finish_reason, truncated_policy=truncated_policy,
+        )
+        if reason is not None:
+            rejected[reason] += 1
+            continue
+        datums.append(make_datum(
+            prompt_ids_T=group.prompt_ids_T, completion_ids_T=sample.completion_ids_T,
+            sampling_logprobs_T=sample.sampling_logprobs_T, teacher_logprobs_T=teacher_T, loss_scale=loss_scale,
+        ))
+        stats = stats.merge(RouteStats(
+            tokens=len(sample.completion_ids_T),
+            reverse_kl_sum=sum(s - t for s, t in zip(sample.sampling_logprobs_T, teacher_T, strict=True)),
+            teacher_nll_sum=-sum(teacher_T),
+            student_nll_sum=-sum(sample.sampling_logprobs_T),
+            samples=1,
+            truncated_samples=int(sample.finish_reason == "length"),
+        ))
+    return TrainGroup(
+        row=group.row, policy_version=group.policy_version, datums=tuple(datums), stats=stats,
+        rejected_samples=dict(rejected),
+    )
+
+
+async def build_advantages(
+    receive_scored: ObjectReceiveStream[ScoredGroup],
+    send_train: ObjectSendStream[TrainGroup],
+    *,
+    loss_scale: float,
+    truncated_policy: Literal["train", "skip"],
+    gate: StepGate,
+    rejects: RejectsFile,
+    metrics: Metrics,
+) -> None:
+    """Stage 4: turn scored groups into train groups; reject rows with nothing to train."""
+    async with receive_scored, send_train:
+        async for scored in receive_scored:
+            train_group = build_train_group(scored, loss_scale=loss_scale, truncated_policy=truncated_policy)
+            row = train_group.row
+            for reason, count in train_group.rejected_samples.items():
+                metrics.samples_rejected.labels(route=row.route, reason=reason).inc(count)
+
+            if not train_group.datums:
+                reasons = ", ".join(f"{r}={c}" for r, c in sorted(train_group.rejected_samples.items()))
+                rejects.write(
+                    reason="no_trainable_samples", message=f"no sample of this row can be trained ({reasons})",
+                    source=row.source, line_number=row.line_number,
+                )
+                gate.group_failed()
+                continue
+            await send_train.send(train_group)
+            metrics.queue_depth.labels(queue="train").set(send_train.statistics().current_buffer_used)
