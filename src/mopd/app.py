@@ -22,8 +22,9 @@ from mopd.status import ServiceStatus
 log = structlog.get_logger(__name__)
 
 # Embedded demo: steps and batch shape that fit a few minutes on 2 CPU cores.
-DEMO_MAX_STEPS = 240
+DEMO_MAX_STEPS = 750
 DEMO_GROUPS_PER_STEP = 16
+DEMO_MAX_TOKENS = 16
 
 
 @dataclass
@@ -55,6 +56,8 @@ def demo_settings(settings: Settings) -> Settings:
         updates["max_steps"] = DEMO_MAX_STEPS
     if "prompt_groups_per_step" not in fields_set:
         updates["prompt_groups_per_step"] = DEMO_GROUPS_PER_STEP
+    if "max_tokens" not in fields_set:
+        updates["max_tokens"] = DEMO_MAX_TOKENS
     if "student_concurrency" not in fields_set:
         updates["student_concurrency"] = DEMO_GROUPS_PER_STEP
     log.info("demo_assets_ready", root=str(assets.root), train=str(assets.train_path), heldout=str(assets.heldout_path))

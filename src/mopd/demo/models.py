@@ -45,6 +45,9 @@ class TrainingPlan:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     seed: int = 0
+    label_smoothing: float = 0.0
+    """Share of each target's probability spread over the vocabulary; above 0
+    the model stays unsure where it has not learned, so it keeps exploring."""
 
 
 def build_model(*, tokenizer: PreTrainedTokenizerBase, shape: ModelShape, seed: int) -> Qwen2ForCausalLM:
@@ -146,7 +149,8 @@ def train_supervised(
 
     Each batch splits evenly across the routes still active, each route's
     problems drawn in an order fixed by ``plan.seed``. Every ``check_every``
-    steps ``active_routes(step)`` returns the routes to keep training, and
+    steps ``active_routes(step)`` returns the routes to train next (a route
+    may leave the mix and come back), and
     training stops when it returns none or after ``plan.steps`` steps. With a
     fixed torch thread count the result depends only on the inputs.
     """
@@ -180,7 +184,12 @@ def train_supervised(
         input_ids, attention_mask, labels = _collate(batch, pad_id=tokenizer.pad_token_id)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(plan, step)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        # Position t predicts token t + 1.
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+            label_smoothing=plan.label_smoothing,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -191,7 +200,7 @@ def train_supervised(
             model.eval()
             keep = set(active_routes(step))
             model.train()
-            active = [route for route in active if route in keep]
+            active = [route for route in examples if route in keep]
             if log_progress:
                 log.debug(
                     "demo_training_progress",
