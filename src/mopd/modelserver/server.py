@@ -171,7 +171,10 @@ class ModelService:
         log.info("weights_loaded", path=path, model=self.served_name, seconds=round(time.monotonic() - started, 3))
 
     def close(self) -> None:
+        # Called after the server loop ends: wait for the running batch, since
+        # a torch call still running at interpreter shutdown aborts the process.
         self.executor.close()
+        self.executor.join(60.0)
 
 
 class _CompletionRequest:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import anyio
 import structlog
 import torch
 
@@ -32,10 +31,7 @@ class LocalBackends:
     """Greedy samplers over the teacher models, for evaluation only."""
 
     async def aclose(self) -> None:
-        # Wait for the device thread to finish its batch: a torch call still
-        # running while the interpreter shuts down aborts the process.
-        self.executor.close()
-        await anyio.to_thread.run_sync(self.executor.join, 60.0)
+        await self.executor.aclose()
 
 
 def resolve_model_path(name: str, *, model_root: str | None, variable: str) -> Path:

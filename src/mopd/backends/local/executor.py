@@ -17,6 +17,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import structlog
 
 log = structlog.get_logger(__name__)
@@ -81,6 +82,12 @@ class DeviceExecutor:
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
+
+    async def aclose(self, timeout: float = 60.0) -> None:
+        """Close and wait for the device thread to finish its batch: a torch call
+        still running while the interpreter shuts down aborts the process."""
+        self.close()
+        await anyio.to_thread.run_sync(self.join, timeout)
 
     # --- worker thread ---------------------------------------------------------
 

@@ -50,7 +50,7 @@ class OpenAIBackends:
     async def aclose(self) -> None:
         for deployment in self.deployments:
             await deployment.aclose()
-        self.executor.close()
+        await self.executor.aclose()
 
 
 def check_openai_settings(settings: Settings) -> None:
