@@ -246,8 +246,9 @@ def _route_accuracies(
 def _dev_and_fit(data: DemoData, route: str) -> tuple[list[Mapping[str, Any]], tuple[Problem, ...]]:
     """Split a route's training pool into dev rows, which decide when to stop, and problems to fit.
 
-    Dev problems are never fitted, so the stopping accuracy estimates the
-    held-out accuracy without looking at the held-out file.
+    For addition, dev problems are never fitted, so the stopping accuracy
+    estimates the held-out accuracy without looking at the held-out file.
+    The times table is too small to spare them, so its dev rows are fitted too.
     """
     pool = data.splits[route].train
     dev = [problem.to_row() for problem in pool[:DEV_ROWS_PER_ROUTE]]
