@@ -31,7 +31,7 @@ class PromptRenderer:
     """Renders chat messages once, with the generation prompt, into token ids.
 
     Encoding uses ``add_special_tokens=False`` because the template already
-    writes the BOS token (when the model has one); adding special tokens again
+    writes the BOS token when the model has one. Adding special tokens again
     would put a second BOS in front.
     """
 

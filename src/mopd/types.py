@@ -131,7 +131,7 @@ class TrainGroup:
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    """What one optimizer step reports."""
+    """Report of one optimizer step."""
 
     step: int
     policy_version: int

@@ -17,7 +17,7 @@ from mopd.types import Datum, Sample, StepResult
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How the student samples."""
+    """Sampling parameters of the student."""
 
     n: int
     """Completions per prompt."""
@@ -30,7 +30,7 @@ class SamplingParams:
 
 @dataclass(frozen=True, slots=True)
 class ScoredCompletion:
-    """A teacher's answer for one completion."""
+    """A teacher's scores for one completion."""
 
     logprobs_T: tuple[float, ...] | None
     """One logprob per completion token, or None when ``failure`` is set."""

@@ -24,7 +24,7 @@ class Backends:
     scorers: dict[str, TeacherScorer]
     trainer: Trainer
     context_window: int | None
-    """Longest sequence (prompt + completion) the student accepts; None when unknown."""
+    """Maximum sequence length (prompt + completion) the student accepts; None when unknown."""
     teacher_samplers: dict[str, StudentSampler]
     """Greedy samplers over the teachers, used to report teacher accuracy; may be empty."""
     owner: _Closable | None = None

@@ -282,7 +282,7 @@ async def _json_body(request: Request) -> Any:
 
 
 def build_app(service: ModelService) -> Starlette:
-    """The Starlette application that serves ``service``."""
+    """Build the Starlette application that serves ``service``."""
 
     async def completions(request: Request) -> Response:
         started = time.monotonic()
@@ -314,7 +314,7 @@ def build_app(service: ModelService) -> Starlette:
         name = body.get("lora_name") if isinstance(body, dict) else None
         if name == service.served_name:
             return _error(400, f"{name!r} is the model this server serves now; load other weights first")
-        # Replaced weights are already gone (the server holds one set), so there is nothing to free.
+        # Replaced weights are already gone (the server keeps one set), so there is nothing to free.
         return PlainTextResponse(f"Success: {name!r} unloaded.")
 
     async def update_from_disk(request: Request) -> Response:

@@ -4,9 +4,9 @@ Route isolation rests on three parts:
 
 1. Credits. Every route has ``route_queue_size + workers`` credits. The
    sampler takes one before it samples a row and the route's pool gives it
-   back once the group leaves the pool, so a route never contains more groups
-   than its queue and workers can take, and the dispatcher's send to a route
-   queue never waits.
+   back once the group leaves the pool. So a route never has more groups than
+   its queue and workers can take, and the dispatcher's send to a route queue
+   waits at most until an idle worker of that route takes a group.
 2. Stall detection. A scoring call that runs longer than ``stall_seconds``
    is cancelled, its samples fail as ``teacher_stalled`` and the route is
    marked stalled. While it is stalled, groups sampled before the stall fail
@@ -179,8 +179,9 @@ async def dispatch_groups(
 ) -> None:
     """Stage 3a: hand every group to the pool of its route; close all pools at the end.
 
-    With a :class:`RouteAdmission` in front of the sampler the send never
-    waits, because a route never has more groups than its queue and workers.
+    With a :class:`RouteAdmission` in front of the sampler, a route never has
+    more groups than its queue and workers can take. So the send waits at most
+    until an idle worker of that route takes a group, never on a stalled route.
     """
     depth_gauges = {route: metrics.route_queue_depth.labels(route=route) for route in route_sends}
     try:

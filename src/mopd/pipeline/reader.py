@@ -48,7 +48,7 @@ BOM = b"\xef\xbb\xbf"
 
 @dataclass(frozen=True, slots=True)
 class RouteTable:
-    """How rows map to teachers."""
+    """Mapping of rows to teachers."""
 
     route_key: str
     messages_key_by_route: Mapping[str, str]

@@ -7,7 +7,7 @@ Back-pressure and shutdown protocol:
 
 1. Every stream is a bounded anyio memory object stream. A full stream makes
    its sender wait, so a slow trainer slows the sampler, which slows the
-   reader; memory stays flat however long the input is.
+   reader. Memory stays flat however long the input is.
 2. Each route has admission credits (see ``dispatcher.py``): the sampler
    takes one per row before sampling and the route's pool gives it back, so
    the dispatcher never waits on a full route queue. A teacher that stops
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -84,7 +84,7 @@ class PipelineConfig:
 
 @dataclass
 class PipelineResult:
-    """What a finished run did."""
+    """Outcome of a finished run."""
 
     state: SubmitterState
     rows_rejected: int
@@ -92,7 +92,6 @@ class PipelineResult:
     """``end_of_input``, ``max_steps`` or ``signal``."""
     abandoned: bool = False
     """True when the grace period ran out and in-flight work was dropped."""
-    stage_errors: list[str] = field(default_factory=list)
 
 
 async def _guard(name: str, stage: Callable[[], Awaitable[None]], status: ServiceStatus | None = None) -> None:

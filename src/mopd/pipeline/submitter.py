@@ -85,7 +85,7 @@ class RouteHistory:
 
 @dataclass
 class SubmitterState:
-    """What the trainer submitter has done so far."""
+    """Progress of the trainer submitter: steps, versions and per-route history."""
 
     steps: int = 0
     """Optimizer steps taken."""

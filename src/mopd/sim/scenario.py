@@ -53,7 +53,7 @@ class Deployment:
 
 @dataclass
 class Trace:
-    """What a run produced: cumulative rows trained per route and student latencies over time."""
+    """Result of a run: cumulative rows trained per route and student latencies over time."""
 
     times: list[float] = field(default_factory=list)
     rows_by_route: dict[str, list[float]] = field(default_factory=dict)

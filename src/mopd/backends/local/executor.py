@@ -145,7 +145,7 @@ def _resolve(job: _Job, setter: Callable[[asyncio.Future[Any], Any], None], valu
     try:
         job.loop.call_soon_threadsafe(setter, job.future, value)
     except RuntimeError:
-        # The caller's event loop has closed: nobody waits for this result.
+        # The caller's event loop has closed, so no caller waits for this result.
         pass
 
 

@@ -192,7 +192,7 @@ class LocalSampler:
         return grouped
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], *, version: int) -> None:
-        """Copy new weights in; call on the device thread so no batch sees half of them."""
+        """Copy new weights in. Call it on the device thread, so that no batch runs on half-copied weights."""
         self._model.load_state_dict(state_dict)
         self._version = version
 
