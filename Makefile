@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast demo-build clean lint
+.PHONY: install run test test-fast demo-build demo-topk demo-lora report clean lint
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,24 @@ demo-build: $(STAMP)
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
+## demo-topk: the embedded demo trained with topk_forward_kl on both teachers' blended top-20, then its report PNG
+demo-topk: export MOPD_STATE_DIR ?= runs/demo-topk
+demo-topk: $(STAMP)
+	MOPD_LOSS_FN=topk_forward_kl MOPD_TOPK=20 MOPD_TOPK_BLEND=all MOPD_TOPK_ROUTE_WEIGHT=4 \
+	MOPD_EVAL_EVERY_STEPS=50 $(BIN)/mopd-serve
+	$(BIN)/mopd report $(MOPD_STATE_DIR)
+
+## demo-lora: the embedded demo with a rank-16 LoRA student (merged weights published), then its report PNG
+demo-lora: export MOPD_STATE_DIR ?= runs/demo-lora
+demo-lora: $(STAMP)
+	MOPD_LORA_RANK=16 MOPD_LORA_ALPHA=32 MOPD_LEARNING_RATE=0.002 MOPD_EVAL_EVERY_STEPS=50 \
+	$(BIN)/mopd-serve
+	$(BIN)/mopd report $(MOPD_STATE_DIR)
+
+## report: draw the per-route curves of the run in MOPD_STATE_DIR (default runs/mopd) into report.png there
+report: $(STAMP)
+	$(BIN)/mopd report $(or $(MOPD_STATE_DIR),runs/mopd)
+
 .PHONY: prometheus-check deploy-lint
 ## prometheus-check: run every dashboard query against Prometheus scraping a short mopd-serve run (installs Debian's prometheus as root)
 prometheus-check: $(STAMP)
@@ -53,3 +71,8 @@ bench: $(STAMP)
 ## e2e: distill the trained demo teachers into the student through three loopback model servers over HTTP (MOPD_BACKEND=openai)
 e2e: $(STAMP)
 	$(BIN)/python -m mopd.modelserver.loopback --state-dir runs/e2e
+
+.PHONY: chaos
+## chaos: SIGKILL and restart mopd-serve 20 times while its teachers fail; the last line is a JSON object of row counts
+chaos: $(STAMP)
+	$(BIN)/python scripts/chaos.py

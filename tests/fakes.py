@@ -81,10 +81,11 @@ class RecordingTrainer:
                           datums=len(datums), tokens=sum(int(sum(d.mask_T)) for d in datums), seconds=0.0)
 
     async def save_state(self, path: Path) -> None:
-        return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(self.sampler.version))
 
     async def load_state(self, path: Path) -> None:
-        return None
+        self.sampler.version = int(path.read_text())
 
     async def aclose(self) -> None:
         return None

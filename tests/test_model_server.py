@@ -116,6 +116,47 @@ async def test_weight_sync_loads_new_weights(service: ModelService, tiny_models:
     await deployment.aclose()
 
 
+async def test_lora_adapter_is_merged_onto_the_starting_weights(
+    service: ModelService, tiny_models: Path, tmp_path: Path
+) -> None:
+    from mopd.backends.local.lora import LoraSpec, merged_state_dict, save_lora_weights, wrap_lora
+
+    # 1. A peft adapter with non-zero B matrices, as the local LoRA trainer publishes it.
+    starting = load_causal_lm(tiny_models / "student", device=torch.device("cpu")).state_dict()
+    base = load_causal_lm(tiny_models / "student", device=torch.device("cpu"))
+    peft_model = wrap_lora(base, LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")), seed=3)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    expected = merged_state_dict(peft_model.get_base_model())
+
+    # 2. Publish it twice: each load applies to the starting weights, not to the previous adapter.
+    deployment = deployment_for(service)
+    sampler = OpenAISampler(deployment=deployment, wire=Wire(), model="student")
+    sync = ServerWeightSync(deployment=deployment, sampler=sampler, mode="lora", local_dir=tmp_path, server_dir=None)
+
+    async def save(directory: Path) -> None:
+        save_lora_weights(peft_model, directory, publish="adapter")
+
+    for version in (1, 2):
+        await sync.publish(version=version, save=save)
+        assert (tmp_path / f"v{version:06d}" / "adapter_config.json").is_file()
+        served = service.model.state_dict()
+        for name, tensor in expected.items():
+            assert torch.allclose(served[name], tensor, atol=1e-6), name
+    assert service.served_name == sampler.current_model
+    query = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(expected[query], starting[query])
+
+    # 3. An adapter that names a module the model lacks is refused with a reason.
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(service)), base_url=URL) as client:
+        empty = await client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path)})
+    assert empty.status_code == 400
+    assert "adapter_config.json" in empty.text
+    await deployment.aclose()
+
+
 async def test_metrics_use_vllm_names(service: ModelService) -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(service)), base_url=URL) as client:
         await client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})

@@ -60,6 +60,8 @@ def test_serve_runs_to_completion(
         data_path=gsm8k_routed, state_dir=tmp_path / "run", extra={
             "MOPD_MAX_STEPS": "3", "MOPD_PROMPT_GROUPS_PER_STEP": "4", "MOPD_COMPLETIONS_PER_PROMPT": "2",
             "MOPD_MAX_TOKENS": "8", "MOPD_TORCH_THREADS": "1", "MOPD_STUDENT_MODEL": served_name(student_server),
+            # A LoRA trainer that publishes peft adapters, as a vLLM student needs.
+            "MOPD_LORA_RANK": "4", "MOPD_LORA_PUBLISH": "adapter",
         },
     )
 
@@ -72,8 +74,9 @@ def test_serve_runs_to_completion(
     assert summary["steps"] == 3
     assert summary["policy_version"] == 3
     assert summary["stopped_by"] == "max_steps"
-    # The student server now serves the version-3 weights under their own name.
+    # The student server now serves the version-3 adapter under its own name.
     assert served_name(student_server).endswith("-v3")
+    assert (tmp_path / "run" / "weights" / "v000003" / "adapter_config.json").is_file()
     steps = [orjson.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_bytes().splitlines()]
     assert [s["policy_version"] for s in steps] == [1, 2, 3]
 

@@ -109,6 +109,9 @@ def test_status_lists_declared_routes(server: OpsServer, metrics: Metrics, statu
     metrics.route_queue_depth.labels(route="math-teacher").set(1)
     metrics.route_credits.labels(route="math-teacher").set(5)
     metrics.route_failures.labels(route="math-teacher", reason="teacher_timeout").inc()
+    metrics.route_breaker_state.labels(route="math-teacher").set(1)
+    metrics.rows_parked.labels(route="math-teacher").set(7)
+    metrics.rows_dead_lettered.labels(route="math-teacher", reason="teacher_unavailable").inc(2)
     metrics.train_steps.inc(3)
     metrics.policy_version.set(3)
     metrics.student_window.set(8)
@@ -119,7 +122,7 @@ def test_status_lists_declared_routes(server: OpsServer, metrics: Metrics, statu
     assert code == 200
     assert doc["phase"] == "training"
     assert doc["stages"] == {"reader": "running", "pool:math-teacher": "finished"}
-    assert doc["rows"] == {"read": 12, "rejected": {"invalid_json": 2}}
+    assert doc["rows"] == {"read": 12, "rejected": {"invalid_json": 2}, "dead_lettered": 2}
     assert doc["queues"] == {"rows": 5}
     assert doc["student"]["concurrency_window"] == 8
     assert doc["trainer"] == {"steps": 3, "policy_version": 3}
@@ -129,7 +132,10 @@ def test_status_lists_declared_routes(server: OpsServer, metrics: Metrics, statu
     assert math["failures"] == {"teacher_timeout": 1}
     assert math["credits"] == 5
     assert math["stalled"] is False
+    assert math["breaker"] == "open"
+    assert math["parked_rows"] == 7
     assert doc["routes"]["arithmetic-teacher"]["scored"] == 0
+    assert doc["routes"]["arithmetic-teacher"]["breaker"] is None
     assert doc["routes"]["arithmetic-teacher"]["credits"] is None
 
 

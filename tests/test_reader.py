@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
+from functools import partial
 from pathlib import Path
 
 import anyio
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mopd.errors import InvalidRow
 from mopd.metrics import Metrics
@@ -176,3 +180,110 @@ async def test_gsm8k_rows_parse(gsm8k_routed: Path, tmp_path: Path) -> None:
     assert rejected == []
     assert {row.route for row in rows} == {"arithmetic-teacher", "math-teacher"}
     assert sum(row.teacher_messages is not None for row in rows if row.route == "math-teacher") > 0
+
+
+# --- the catalogue of malformed lines --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        pytest.param(b'{"messages": [], "teacher": "math-teacher"} trailing', "invalid_json", id="trailing-garbage"),
+        pytest.param(b'{"messages": NaN}', "invalid_json", id="nan-literal"),
+        pytest.param(b'{"messages": "\\ud800"}', "invalid_json", id="lone-surrogate-escape"),
+        pytest.param(b'{"a": 1e999}', "invalid_json", id="number-out-of-range"),
+        pytest.param(b"[" * 5000, "invalid_json", id="deeply-nested"),
+        pytest.param(b"\xef\xbb\xbf", "invalid_json", id="only-bom"),
+        pytest.param(b"\xef\xbb\xbf\xef\xbb\xbf{}", "invalid_json", id="double-bom"),
+        pytest.param(b"\xc3\x28", "invalid_utf8", id="invalid-continuation-byte"),
+        pytest.param(b"\xed\xa0\x80", "invalid_utf8", id="encoded-surrogate"),
+        pytest.param(b"null", "not_an_object", id="null"),
+        pytest.param(b"42", "not_an_object", id="number"),
+        pytest.param(line({"messages": None, "teacher": "math-teacher"}), "invalid_messages", id="messages-null"),
+        pytest.param(line({"messages": {"role": "user"}, "teacher": "math-teacher"}), "invalid_messages",
+                     id="messages-object"),
+        pytest.param(line({"messages": [{"role": None, "content": "x"}], "teacher": "math-teacher"}),
+                     "invalid_messages", id="role-null"),
+        pytest.param(line({"messages": [{"role": "user", "content": None}], "teacher": "math-teacher"}),
+                     "invalid_messages", id="content-null"),
+        pytest.param(line({"messages": [{"role": "user", "content": [{"type": "image_url"}]}],
+                           "teacher": "math-teacher"}), "invalid_messages", id="content-image-part"),
+        pytest.param(line({"messages": USER, "teacher": None}), "invalid_route", id="route-null"),
+        pytest.param(line({"messages": USER, "teacher": ["math-teacher"]}), "invalid_route", id="route-list"),
+        pytest.param(line({"messages": USER, "teacher": "Math-Teacher"}), "unknown_route", id="route-case"),
+        pytest.param(line({"messages": USER, "teacher": "math-teacher", "teacher_messages": []}),
+                     "invalid_teacher_messages", id="teacher-messages-empty"),
+        pytest.param(line({"messages": USER, "teacher": "math-teacher", "extra_info": "x"}),
+                     "invalid_extra_info", id="extra-info-string"),
+    ],
+)
+def test_malformed_line_reason(raw: bytes, reason: str) -> None:
+    with pytest.raises(InvalidRow) as caught:
+        parse(raw)
+    assert caught.value.reason == reason
+
+
+async def test_crlf_file_with_bom_reads_every_row(tmp_path: Path) -> None:
+    good = line({"messages": USER, "teacher": "math-teacher"})
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\r\n" + good + b"\r\n\r\n" + good)
+
+    rows, rejected, _ = await collect(path, tmp_path)
+
+    assert [row.line_number for row in rows] == [1, 2, 4]
+    assert rejected == []
+
+
+async def test_every_reject_record_holds_line_source_and_reason(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"messages": [], "teacher": "math-teacher"}\n\xff\xfe\x00\n{broken\n')
+
+    _, rejected, _ = await collect(path, tmp_path)
+
+    assert len(rejected) == 3
+    for number, record in enumerate(rejected, start=1):
+        assert record["source"] == str(path)
+        assert record["line_number"] == number
+        assert record["row_id"] == f"{path}:{number}"
+        assert record["reason"]
+        assert ("line" in record) != ("line_escaped" in record)
+    assert rejected[1]["line_escaped"] == "\\xff\\xfe\x00"
+
+
+# --- arbitrary input -------------------------------------------------------------------
+
+LINE_PIECES = st.one_of(
+    st.binary(max_size=80),
+    st.sampled_from([
+        line({"messages": USER, "teacher": "math-teacher"}),
+        line({"messages": USER, "teacher": "arithmetic-teacher", "hint_messages": USER}),
+        b"\xef\xbb\xbf" + line({"messages": USER, "teacher": "math-teacher"}),
+        b"", b"   ", b"\r", b"{", b"\x00", b"\xff",
+    ]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pieces=st.lists(LINE_PIECES, max_size=12), newline=st.sampled_from([b"\n", b"\r\n"]),
+       final_newline=st.booleans())
+def test_arbitrary_bytes_end_as_rows_or_rejects(pieces: list[bytes], newline: bytes, final_newline: bool) -> None:
+    content = newline.join(pieces) + (newline if final_newline and pieces else b"")
+    max_line_bytes = 64
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "rows.jsonl"
+        path.write_bytes(content)
+        rows, rejected, _ = anyio.run(partial(collect, path, Path(directory), max_line_bytes=max_line_bytes))
+
+    # Lines as the reader numbers them: split at b"\n"; a last piece without newline is a line too.
+    numbered = content.split(b"\n")
+    if numbered and numbered[-1] == b"":
+        numbered.pop()
+    expected = {number for number, piece in enumerate(numbered, start=1)
+                if len(piece) > max_line_bytes or piece.strip()}
+    row_lines = [row.line_number for row in rows]
+    reject_lines = [record["line_number"] for record in rejected]
+    assert len(row_lines) == len(set(row_lines))
+    assert len(reject_lines) == len(set(reject_lines))
+    assert set(row_lines).isdisjoint(reject_lines)
+    assert set(row_lines) | set(reject_lines) == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -35,6 +36,8 @@ async def _serve(settings: Settings) -> int:
                  endpoints=["/metrics", "/healthz", "/readyz", "/status"])
 
     stop = anyio.Event()
+    forced_by: list[int] = []
+    outcome = None
     async with anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:
@@ -48,6 +51,7 @@ async def _serve(settings: Settings) -> int:
                         stop.set()
                     else:
                         log.warning("stop_forced", signal=name)
+                        forced_by.append(signum)
                         tg.cancel_scope.cancel()
 
         tg.start_soon(watch_signals)
@@ -58,8 +62,20 @@ async def _serve(settings: Settings) -> int:
             raise
         tg.cancel_scope.cancel()
 
+    # The signal receiver is closed and the default action would kill the
+    # process mid-teardown, so a later signal exits at once with the usual status.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit_on_signal)
+    if outcome is None:
+        # A second signal cancelled the run: no summary, and the state directory
+        # resumes from its last commit. Exit as a process killed by that signal.
+        return 128 + (forced_by[0] if forced_by else signal.SIGTERM)
     print(outcome.summary_path, flush=True)
     return 0
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    os._exit(128 + signum)
 
 
 def serve_main(argv: list[str] | None = None) -> int:
@@ -111,6 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     env_docs.add_argument("--write", action="store_true", help="update docs/configuration.md and the README table")
     env_docs.add_argument("--check", action="store_true", help="exit 1 when those files differ from the settings")
     env_docs.add_argument("--root", default=".", help="repository root holding docs/ and README.md (default: .)")
+    check = sub.add_parser(
+        "check-data",
+        help="report privileged rows whose student prompt leaks the answer or whose teacher prompt lacks it",
+    )
+    check.add_argument("paths", nargs="+", help="JSONL files or glob patterns of rows")
+    check.add_argument("--messages-key", default="teacher_messages",
+                       help="row key of the teacher prompt; teacher_messages is the fallback (default: teacher_messages)")
+    check.add_argument("--answer-key", default="expected_answer", help="row key of the answer (default: expected_answer)")
+    check.add_argument("--route-key", default="teacher", help="row key of the route, shown in findings (default: teacher)")
+    report = sub.add_parser("report", help="draw a run's per-route reverse KL, accuracy and throughput into a PNG")
+    report.add_argument("state_dir", help="MOPD_STATE_DIR of the run (contains steps.jsonl and summary.json)")
+    report.add_argument("--output", default=None, help="PNG path (default: <state_dir>/report.png)")
     server = sub.add_parser(
         "model-server",
         help="serve a local transformers model directory over a vLLM-compatible HTTP subset (for MOPD_BACKEND=openai)",
@@ -141,11 +169,54 @@ def main(argv: list[str] | None = None) -> int:
         assets = ensure_demo(Path(args.dir) if args.dir else None)
         print(assets.root)
         return 0
+    if args.command == "check-data":
+        return _check_data(args)
+    if args.command == "report":
+        from pathlib import Path
+
+        from mopd.report import ReportError, write_report
+
+        try:
+            path = write_report(Path(args.state_dir), Path(args.output) if args.output else None)
+        except ReportError as exc:
+            print(f"mopd report: {exc}", file=sys.stderr)
+            return 2
+        print(path)
+        return 0
     if args.command == "env-docs":
         from mopd.envdocs import env_docs_command
 
         return env_docs_command(root=args.root, write=args.write, check=args.check)
     return 2
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    """Print one JSON line per finding and a summary on stderr; exit 1 when a row fails."""
+    from collections import Counter
+
+    import orjson
+
+    from mopd.datacheck import check_rows
+    from mopd.pipeline.reader import expand_sources
+
+    paths = []
+    for pattern in args.paths:
+        try:
+            paths.extend(expand_sources(pattern))
+        except MopdError as exc:
+            print(f"mopd check-data: {exc}", file=sys.stderr)
+            return 2
+    findings, counts = check_rows(paths, messages_key=args.messages_key, answer_key=args.answer_key,
+                                  route_key=args.route_key)
+    for finding in findings:
+        print(orjson.dumps(finding.to_json()).decode())
+    by_problem = Counter(finding.problem for finding in findings)
+    problems = ", ".join(f"{problem}={count}" for problem, count in sorted(by_problem.items()))
+    print(f"mopd check-data: {counts['rows']} rows, {counts['privileged']} privileged rows checked, "
+          f"{len(findings)} findings{f' ({problems})' if problems else ''}; skipped: "
+          f"{counts['skipped_not_privileged']} without a teacher prompt, {counts['skipped_no_answer']} without "
+          f"an answer, {counts['skipped_invalid_json']} not a JSON object", file=sys.stderr)
+    return 1 if findings else 0
 
 
 def _model_server(args: argparse.Namespace) -> int:

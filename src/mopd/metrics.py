@@ -48,6 +48,23 @@ class Metrics:
         self.reverse_kl = Gauge(
             "mopd_reverse_kl", "Mean per-token sampled reverse KL of the last step, per route.", ["route"], registry=r
         )
+        self.topk_mass = Gauge(
+            "mopd_topk_mass", "Mean probability the teachers' top-K candidates held (weighted over teachers), "
+            "last step, topk_forward_kl only.", ["route"], registry=r,
+        )
+        self.topk_entropy = Gauge(
+            "mopd_topk_entropy", "Mean entropy of the blended top-K targets in nats, last step, topk_forward_kl only.",
+            ["route"], registry=r,
+        )
+        self.eval_accuracy = Gauge(
+            "mopd_eval_accuracy", "Held-out greedy exact-match accuracy of the student at the last evaluation.",
+            ["route"], registry=r,
+        )
+        self.eval_trace_logprob_gap = Gauge(
+            "mopd_eval_trace_logprob_gap", "Mean per-token logprob of greedy teacher traces under the teacher and "
+            "its prompt minus under the student and the student prompt, at the last evaluation.",
+            ["route"], registry=r,
+        )
         self.teacher_nll = Gauge(
             "mopd_teacher_nll", "Mean per-token teacher NLL of the last step, per route.", ["route"], registry=r
         )
@@ -105,6 +122,32 @@ class Metrics:
         )
         self.rows_trained = Counter("mopd_rows_trained", "Rows whose samples reached an optimizer step.",
                                     ["route"], registry=r)
+        self.rows_dead_lettered = Counter(
+            "mopd_rows_dead_lettered", "Rows written to the dead-letter file, by route and reason.",
+            ["route", "reason"], registry=r,
+        )
+
+        # route resilience
+        self.route_outcomes = Counter(
+            "mopd_teacher_route_outcomes",
+            "Outcomes of scoring a group on a route: scored, failed, retried, parked, budget_exhausted, "
+            "dead_lettered.", ["route", "outcome"], registry=r,
+        )
+        self.route_breaker_state = Gauge(
+            "mopd_teacher_route_breaker_state", "Circuit breaker of each route's teacher: 0 closed, 1 open, "
+            "2 half-open.", ["route"], registry=r,
+        )
+        self.rows_parked = Gauge(
+            "mopd_teacher_route_parked_rows", "Rows waiting for their route's teacher to come back.", ["route"],
+            registry=r,
+        )
+
+        # state directory
+        self.checkpoints = Counter("mopd_checkpoints", "Commits of the trainer checkpoint and resume cursor.",
+                                   registry=r)
+        self.checkpoint_seconds = Histogram(
+            "mopd_checkpoint_seconds", "Wall time of one checkpoint commit.", buckets=LATENCY_BUCKETS, registry=r,
+        )
 
         # trainer
         self.train_steps = Counter("mopd_train_steps", "Optimizer steps.", registry=r)

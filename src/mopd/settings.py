@@ -57,6 +57,9 @@ class TeacherConfig(BaseModel):
     workers: int | None = Field(
         None, ge=1, description="Concurrent scoring workers; None means MOPD_TEACHER_WORKERS."
     )
+    weight: float = Field(
+        1.0, gt=0.0, description="Weight of this teacher when MOPD_LOSS_FN=topk_forward_kl blends teachers."
+    )
     base_urls: list[str] | None = Field(
         None,
         description="Base URLs of the teacher's server replicas (openai backend), e.g. [\"http://127.0.0.1:8001\"]. "
@@ -90,6 +93,14 @@ class Settings(BaseSettings):
     max_line_bytes: int = Field(
         1 << 20, ge=64, description="Maximum input line length in bytes; longer lines are rejected as line_too_long."
     )
+    follow: bool = Field(
+        False,
+        description="Follow mode: tail MOPD_DATA_PATH (a file, a directory of *.jsonl files or a glob) for "
+        "appended lines and new files until a stop signal; MOPD_EPOCHS is ignored.",
+    )
+    follow_poll_seconds: float = Field(
+        0.5, gt=0.0, description="Seconds between two looks for new lines and files in follow mode."
+    )
 
     # --- teachers and routing -------------------------------------------------
     teachers_json: list[TeacherConfig] | None = Field(
@@ -120,10 +131,11 @@ class Settings(BaseSettings):
     )
 
     # --- backend --------------------------------------------------------------
-    backend: Literal["local", "openai"] = Field(
+    backend: Literal["local", "openai", "tinker"] = Field(
         "local",
-        description="Student, teacher and trainer backend: local (in-process models) or openai (student and "
-        "teachers on OpenAI-compatible servers, local trainer).",
+        description="Student, teacher and trainer backend: local (in-process models), openai (student and "
+        "teachers on OpenAI-compatible servers, local trainer) or tinker (student, teachers and trainer on the "
+        "Tinker training API).",
     )
     student_model: str | None = Field(
         None, description="Student model name or local directory. None is only valid in the embedded demo."
@@ -180,6 +192,32 @@ class Settings(BaseSettings):
         "are shed to the rejects file as route_stalled until a probe succeeds. None never marks a route.",
     )
 
+    # --- unavailable teachers ---------------------------------------------------
+    dead_letter_seconds: float = Field(
+        300.0, ge=0.0,
+        description="Seconds a row waits for its route's teacher to come back (refused connections, timeouts or "
+        "5xx after the HTTP retries) before it goes to the dead-letter file; 0 sends it there at the first such "
+        "failure that finds no retry budget.",
+    )
+    dead_letter_path: Path | None = Field(
+        None, description="Dead-letter JSONL; None means <state_dir>/dead_letters.jsonl."
+    )
+    teacher_breaker_failures: int = Field(
+        3, ge=1, description="Unavailable failures in a row that open a route's circuit breaker."
+    )
+    teacher_breaker_cooldown_seconds: float = Field(
+        5.0, gt=0.0, description="Seconds an open breaker waits before one probe row goes to the teacher; doubled "
+        "after each failed probe, up to 16 times.",
+    )
+    teacher_retry_budget_ratio: float = Field(
+        0.2, ge=0.0, description="In-place retries of a failed group that each successful teacher call earns, per "
+        "route (the budget holds at most 10); without budget the row waits and is sampled again.",
+    )
+    teacher_max_parked_rows: int = Field(
+        10_000, ge=1, description="Rows per route that may wait for an unavailable teacher; more go to the "
+        "dead-letter file at once.",
+    )
+
     @model_validator(mode="after")
     def _concurrency_bounds(self) -> Settings:
         initial = self.concurrency_initial_window or self.student_concurrency
@@ -204,7 +242,50 @@ class Settings(BaseSettings):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
     loss_scale: float = Field(1.0, gt=0.0, description="Factor on every advantage.")
-    loss_fn: Literal["importance_sampling"] = Field("importance_sampling", description="Trainer loss.")
+    discount: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Discount factor: each token's advantage also gets the discounted negative reverse KL of the "
+        "tokens after it (sum over j > t of discount^(j - t) times their advantage); 0 adds nothing.",
+    )
+    lora_rank: int = Field(
+        0, ge=0, description="LoRA rank of the local trainer (local and openai backends); 0 trains every weight."
+    )
+    lora_alpha: float | None = Field(
+        None, gt=0.0, description="LoRA alpha: updates are scaled by alpha / rank. None means 2 x MOPD_LORA_RANK."
+    )
+    lora_target_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["all-linear"],
+        description="Comma-separated module names that get LoRA matrices, e.g. q_proj,v_proj; all-linear means "
+        "every linear layer but the output head.",
+    )
+    lora_publish: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="What the LoRA trainer publishes after each step: merged (full weights, base plus update) or "
+        "adapter (a peft adapter directory, the form vLLM's /v1/load_lora_adapter loads).",
+    )
+    loss_fn: Literal["importance_sampling", "topk_forward_kl"] = Field(
+        "importance_sampling",
+        description="Trainer loss: importance_sampling (sampled reverse KL, one routed teacher per row) or "
+        "topk_forward_kl (cross-entropy on the teachers' top-K distributions at every completion position).",
+    )
+    topk: int = Field(
+        20, ge=1, description="K of topk_forward_kl: candidates each teacher returns per position, and kept after "
+        "blending.",
+    )
+    topk_blend: Literal["all", "route"] = Field(
+        "all",
+        description="Teachers behind each topk_forward_kl target: all (every teacher, blended by its weight) or "
+        "route (only the row's own teacher).",
+    )
+    topk_route_weight: float = Field(
+        1.0, gt=0.0,
+        description="With MOPD_TOPK_BLEND=all, factor on the weight of the row's own teacher in its targets; 1 "
+        "blends by the teachers' weights alone.",
+    )
+    openai_max_logprobs: int = Field(
+        20, ge=1, description="Most top-K candidates the teacher servers return per position (vLLM --max-logprobs, "
+        "default 20); a larger MOPD_TOPK stops start-up (openai backend).",
+    )
     max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps; 0 runs until the input ends.")
     max_policy_lag: int = Field(
         0, ge=0, description="Policy versions a sample may lag behind the trainer; 0 is strict on-policy."
@@ -216,9 +297,17 @@ class Settings(BaseSettings):
         None, description="Held-out JSONL with expected_answer; evaluated before and after training. None skips."
     )
     eval_max_tokens: int = Field(16, ge=1, description="Maximum tokens of a greedy evaluation completion.")
+    eval_every_steps: int = Field(
+        0, ge=0, description="Evaluate on MOPD_EVAL_PATH every this many optimizer steps (accuracy and teacher-trace "
+        "logprob gap per route, written to the step metrics JSONL); 0 evaluates only before and after training.",
+    )
 
     # --- service --------------------------------------------------------------
-    state_dir: Path = Field(Path("runs/mopd"), description="Directory for rejects, step metrics and the summary.")
+    state_dir: Path = Field(
+        Path("runs/mopd"),
+        description="Directory for the trainer checkpoint, the resume cursor, rejects, dead letters, step metrics "
+        "and the summary. A restart with the same directory resumes the run; use a new one for a new run.",
+    )
     rejects_path: Path | None = Field(None, description="Rejects JSONL; None means <state_dir>/rejects.jsonl.")
     queue_size: int = Field(32, ge=1, description="Capacity of each queue between stages (items).")
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus endpoint.")
@@ -231,6 +320,11 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0.0, description="Seconds to drain in-flight work after a stop signal before abandoning it."
     )
+    checkpoint_every_steps: int = Field(
+        1, ge=1, description="Optimizer steps between two commits of the trainer checkpoint and the resume cursor; "
+        "after a crash, rows trained since the last commit are trained again.",
+    )
+    checkpoint_keep: int = Field(2, ge=1, description="Trainer checkpoint files kept in <state_dir>/checkpoints.")
 
     # --- openai backend -------------------------------------------------------
     student_base_urls: Annotated[list[str], NoDecode] = Field(
@@ -289,10 +383,12 @@ class Settings(BaseSettings):
     openai_retry_max_seconds: float = Field(
         30.0, ge=0.0, description="Maximum wait between retries in seconds, Retry-After included."
     )
-    openai_weight_sync: Literal["lora", "disk"] = Field(
-        "lora",
+    openai_weight_sync: Literal["auto", "lora", "disk"] = Field(
+        "auto",
         description="How new weights reach the student server: lora (POST /v1/load_lora_adapter under a new "
-        "name per version) or disk (POST /update_weights_from_disk, SGLang).",
+        "name per version; vLLM, with MOPD_LORA_RANK and MOPD_LORA_PUBLISH=adapter), disk (POST "
+        "/update_weights_from_disk with full weights; SGLang), or auto (lora when the trainer publishes a LoRA "
+        "adapter, else disk).",
     )
     openai_weight_dir: Path | None = Field(
         None, description="Directory the trainer writes weight versions to. None means <state_dir>/weights."
@@ -306,12 +402,45 @@ class Settings(BaseSettings):
         2, ge=1, description="Weight versions kept on disk and loaded on the server; older ones are removed."
     )
 
+    @property
+    def effective_weight_sync(self) -> Literal["lora", "disk"]:
+        """The weight sync mode after resolving ``auto``."""
+        if self.openai_weight_sync != "auto":
+            return self.openai_weight_sync
+        return "lora" if self.lora_rank and self.lora_publish == "adapter" else "disk"
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            names = [name.strip() for name in value.split(",") if name.strip()]
+            if not names:
+                raise ValueError("no module named; list modules such as q_proj,v_proj or use all-linear")
+            return names
+        return value
+
     @field_validator("student_base_urls", mode="before")
     @classmethod
     def _split_urls(cls, value: object) -> object:
         if isinstance(value, str):
             return [url.strip() for url in value.split(",") if url.strip()]
         return value
+
+    # --- tinker backend ---------------------------------------------------------
+    tinker_base_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MOPD_TINKER_BASE_URL", "TINKER_BASE_URL"),
+        description="Base URL of the Tinker service (tinker backend). None means the tinker SDK's default.",
+    )
+    tinker_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("TINKER_API_KEY", "MOPD_TINKER_API_KEY"),
+        description="API key of the Tinker service (tinker backend); sent by the SDK, never logged. Required "
+        "with MOPD_BACKEND=tinker.",
+    )
+    tinker_lora_rank: int = Field(
+        32, ge=1, description="LoRA rank of the student that the Tinker service trains (tinker backend)."
+    )
 
     # --- embedded demo ----------------------------------------------------------
     demo: bool | None = Field(
@@ -335,6 +464,10 @@ class Settings(BaseSettings):
     @property
     def effective_rejects_path(self) -> Path:
         return self.rejects_path or self.state_dir / "rejects.jsonl"
+
+    @property
+    def effective_dead_letter_path(self) -> Path:
+        return self.dead_letter_path or self.state_dir / "dead_letters.jsonl"
 
     @property
     def is_demo(self) -> bool:

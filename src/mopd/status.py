@@ -121,6 +121,8 @@ class ServiceStatus:
         reverse_kl = _samples_by_label(m, "mopd_reverse_kl", "route")
         credits = _samples_by_label(m, "mopd_teacher_route_credits", "route")
         stalled = _samples_by_label(m, "mopd_teacher_route_stalled", "route")
+        breaker = _samples_by_label(m, "mopd_teacher_route_breaker_state", "route")
+        parked = _samples_by_label(m, "mopd_teacher_route_parked_rows", "route")
         failures = _failures_by_route(m)
 
         with self._lock:
@@ -140,6 +142,8 @@ class ServiceStatus:
                 "reverse_kl": reverse_kl.get(name),
                 "seconds_since_progress": round(now - changed_at, 3),
                 "stalled": stalled.get(name, 0.0) >= 1.0,
+                "breaker": BREAKER_STATES.get(int(breaker[name])) if name in breaker else None,
+                "parked_rows": int(parked.get(name, 0.0)),
             }
 
         return {
@@ -151,6 +155,7 @@ class ServiceStatus:
             "rows": {
                 "read": int(m.value("mopd_rows_read_total")),
                 "rejected": {k: int(v) for k, v in _samples_by_label(m, "mopd_rows_rejected_total", "reason").items()},
+                "dead_lettered": int(_sum_samples(m, "mopd_rows_dead_lettered_total")),
             },
             "queues": {k: int(v) for k, v in _samples_by_label(m, "mopd_queue_depth", "queue").items()},
             "student": {
@@ -165,6 +170,10 @@ class ServiceStatus:
         }
 
 
+BREAKER_STATES = {0: "closed", 1: "open", 2: "half_open"}
+"""Values of ``mopd_teacher_route_breaker_state``."""
+
+
 def _samples_by_label(metrics: Metrics, sample_name: str, label: str) -> dict[str, float]:
     found: dict[str, float] = {}
     for family in metrics.registry.collect():
@@ -172,6 +181,11 @@ def _samples_by_label(metrics: Metrics, sample_name: str, label: str) -> dict[st
             if sample.name == sample_name and label in sample.labels:
                 found[sample.labels[label]] = sample.value
     return found
+
+
+def _sum_samples(metrics: Metrics, sample_name: str) -> float:
+    return sum(sample.value for family in metrics.registry.collect() for sample in family.samples
+               if sample.name == sample_name)
 
 
 def _failures_by_route(metrics: Metrics) -> dict[str, dict[str, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,52 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer in {str(directory)!r} has no eos_token; set one so completions can stop")
     return tokenizer
+
+
+SPECIAL_TOKEN_NAMES = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+
+def vocabulary_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Return a SHA-256 digest of the vocabulary (token -> id pairs, added tokens included)."""
+    vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    digest = hashlib.sha256()
+    for token, token_id in vocabulary:
+        digest.update(f"{token_id}\t{token}\n".encode())
+    return digest.hexdigest()
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:
+    """Return the ids of BOS, EOS, PAD and UNK (None when the tokenizer has none)."""
+    return {name.removesuffix("_id"): getattr(tokenizer, name, None) for name in SPECIAL_TOKEN_NAMES}
+
+
+def check_teacher_tokenizer(student_dir: str | Path, teacher_dir: str | Path, *, route: str) -> None:
+    """Compare the tokenizer a teacher declares with the student's.
+
+    Token ids travel between student and teacher unchanged, so both must map
+    every id to the same text and agree on the special tokens.
+
+    :raises ConfigError: naming both directories and what differs.
+    """
+    student = load_tokenizer(student_dir)
+    teacher = load_tokenizer(teacher_dir)
+    differences = []
+    student_print, teacher_print = vocabulary_fingerprint(student), vocabulary_fingerprint(teacher)
+    if student_print != teacher_print:
+        differences.append(
+            f"vocabulary fingerprint {teacher_print[:12]} ({len(teacher)} tokens) vs the student's "
+            f"{student_print[:12]} ({len(student)} tokens)"
+        )
+    student_special, teacher_special = special_token_ids(student), special_token_ids(teacher)
+    for name, student_id in student_special.items():
+        if teacher_special[name] != student_id:
+            differences.append(f"{name} id {teacher_special[name]} vs the student's {student_id}")
+    if differences:
+        raise ConfigError(
+            f"teacher for route {route!r} declares the tokenizer in {str(teacher_dir)!r}, which differs from the "
+            f"student's tokenizer in {str(student_dir)!r}: {'; '.join(differences)}. Student and teachers must "
+            "share one tokenizer, because token ids pass between them unchanged"
+        )
 
 
 class PromptRenderer:

@@ -32,6 +32,10 @@ class Row:
     extra_info: dict[str, Any] | None = None
     epoch: int = 0
     """Pass over the input that produced this row, starting at 0."""
+    line: str | None = None
+    """The original input line, kept so that a later stage's reject or dead letter can write it."""
+    end_offset: int = 0
+    """Byte offset just after the line in its source, where a resumed reader may seek."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,23 @@ class ScoredGroup:
     """Per sample: reason code of a scoring failure, or None."""
     echoed_ids_S: tuple[tuple[int, ...] | None, ...] = ()
     """Per sample: completion ids the teacher server echoed back, when it reports them."""
+    targets_S: tuple[TopKTargets | None, ...] = ()
+    """Per sample: soft targets of the top-K objective; empty for the sampled objective."""
+
+
+@dataclass(frozen=True, slots=True)
+class TopKTargets:
+    """Soft targets of one completion for ``topk_forward_kl``, blended across teachers."""
+
+    ids_TK: tuple[tuple[int, ...], ...]
+    """Per completion token: the kept candidate ids, most likely first."""
+    probs_TK: tuple[tuple[float, ...], ...]
+    """Per completion token: probabilities of ``ids_TK``, summing to 1."""
+    mass_T: tuple[float, ...]
+    """Per completion token: the probability the teachers' top-K held before renormalising
+    (weighted mean over teachers)."""
+    entropy_T: tuple[float, ...]
+    """Per completion token: entropy of the target distribution in nats."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +113,10 @@ class Datum:
     advantages_T: tuple[float, ...]
     mask_T: tuple[float, ...]
     """1.0 on completion tokens that are trained, 0.0 elsewhere."""
+    target_ids_TK: tuple[tuple[int, ...], ...] | None = None
+    """``topk_forward_kl`` only: candidate ids per position (empty on prompt positions)."""
+    target_probs_TK: tuple[tuple[float, ...], ...] | None = None
+    """``topk_forward_kl`` only: probabilities of ``target_ids_TK``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +130,10 @@ class RouteStats:
     student_nll_sum: float = 0.0
     samples: int = 0
     truncated_samples: int = 0
+    topk_tokens: int = 0
+    """Tokens trained on top-K targets."""
+    topk_mass_sum: float = 0.0
+    topk_entropy_sum: float = 0.0
 
     def merge(self, other: RouteStats) -> RouteStats:
         return RouteStats(
@@ -114,6 +143,9 @@ class RouteStats:
             student_nll_sum=self.student_nll_sum + other.student_nll_sum,
             samples=self.samples + other.samples,
             truncated_samples=self.truncated_samples + other.truncated_samples,
+            topk_tokens=self.topk_tokens + other.topk_tokens,
+            topk_mass_sum=self.topk_mass_sum + other.topk_mass_sum,
+            topk_entropy_sum=self.topk_entropy_sum + other.topk_entropy_sum,
         )
 
 

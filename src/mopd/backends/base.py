@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from mopd.types import Datum, Sample, StepResult
+from mopd.types import Datum, Sample, StepResult, TopKTargets
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,13 @@ class ScoredCompletion:
     """Completion ids the server echoed back, when it reports them."""
     failure: str | None = None
     """Reason code when the completion could not be scored."""
+    topk_ids_TK: tuple[tuple[int, ...], ...] | None = None
+    """Per completion token: the ids of the teacher's top-K next-token candidates
+    at that position, most likely first. None unless top-K was requested."""
+    topk_logprobs_TK: tuple[tuple[float, ...], ...] | None = None
+    """Per completion token: the logprobs of ``topk_ids_TK``, not renormalised."""
+    targets: TopKTargets | None = None
+    """Blended soft targets, set by the top-K blending scorer only."""
 
 
 @runtime_checkable
@@ -63,10 +70,14 @@ class TeacherScorer(Protocol):
     name: str
 
     async def score(
-        self, prompt_ids_T: Sequence[int], completions_S: Sequence[Sequence[int]]
+        self, prompt_ids_T: Sequence[int], completions_S: Sequence[Sequence[int]], *, top_k: int = 0
     ) -> list[ScoredCompletion]:
         """Return, per completion, the logprob of each completion token given the
-        prompt and the completion tokens before it."""
+        prompt and the completion tokens before it.
+
+        :param top_k: when above 0, also return the ``top_k`` most likely ids
+            and their logprobs at every completion position.
+        """
         ...
 
     async def aclose(self) -> None: ...

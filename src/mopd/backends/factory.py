@@ -29,6 +29,9 @@ class Backends:
     """Greedy samplers over the teachers, used to report teacher accuracy; may be empty."""
     owner: _Closable | None = None
     """Object whose ``aclose`` releases the backends' resources."""
+    student_scorer: TeacherScorer | None = None
+    """Scores completions under the current student weights (for the teacher-trace gap); None when the
+    backend cannot."""
 
     async def aclose(self) -> None:
         if self.owner is not None:
@@ -44,6 +47,7 @@ def build_backends(settings: Settings) -> Backends:
         return Backends(
             renderer=local.renderer, sampler=local.sampler, scorers=dict(local.scorers), trainer=local.trainer,
             context_window=local.context_window, teacher_samplers=dict(local.teacher_samplers), owner=local,
+            student_scorer=local.student_scorer,
         )
     if settings.backend == "openai":
         from mopd.backends.openai import build_openai_backends
@@ -53,4 +57,12 @@ def build_backends(settings: Settings) -> Backends:
             renderer=served.renderer, sampler=served.sampler, scorers=dict(served.scorers), trainer=served.trainer,
             context_window=served.context_window, teacher_samplers=dict(served.teacher_samplers), owner=served,
         )
-    raise ConfigError(f"MOPD_BACKEND={settings.backend!r} is not supported; use local or openai")
+    if settings.backend == "tinker":
+        from mopd.backends.tinker import build_tinker_backends
+
+        remote = build_tinker_backends(settings)
+        return Backends(
+            renderer=remote.renderer, sampler=remote.sampler, scorers=dict(remote.scorers), trainer=remote.trainer,
+            context_window=remote.context_window, teacher_samplers=dict(remote.teacher_samplers), owner=remote,
+        )
+    raise ConfigError(f"MOPD_BACKEND={settings.backend!r} is not supported; use local, openai or tinker")

@@ -5,8 +5,10 @@ Routes (request and response fields follow vLLM's OpenAI-compatible server):
     POST /v1/completions          prompt as token ids; n, max_tokens, temperature,
                                   logprobs, echo, prompt_logprobs, return_token_ids,
                                   return_tokens_as_token_ids, stop_token_ids
-    POST /v1/load_lora_adapter    {lora_name, lora_path}: load a full-weights
-                                  save_pretrained directory and serve it as lora_name
+    POST /v1/load_lora_adapter    {lora_name, lora_path}: load a peft LoRA adapter
+                                  (merged onto the weights the server started
+                                  with) or a full-weights save_pretrained
+                                  directory, and serve it as lora_name
     POST /v1/unload_lora_adapter  {lora_name}
     POST /update_weights_from_disk {model_path}: load new weights, keep the name
     GET  /v1/models, /health, /metrics
@@ -22,6 +24,7 @@ old ones, and requests that name an earlier model get 404.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import socket
@@ -34,6 +37,7 @@ import anyio
 import structlog
 import torch
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from safetensors.torch import load_file
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -69,6 +73,8 @@ class ModelService:
         seed: int = 0,
     ) -> None:
         self.model = load_causal_lm(model_dir, device=device)
+        # LoRA adapters apply to the weights the server started with, not to the last adapter loaded.
+        self._base_state = {key: tensor.detach().clone() for key, tensor in self.model.state_dict().items()}
         self.device = device
         self.served_name = served_name
         config = self.model.config
@@ -152,29 +158,73 @@ class ModelService:
     # --- weights ----------------------------------------------------------------
 
     async def load_weights(self, path: str, *, name: str | None) -> None:
-        """Load a save_pretrained directory into the served model; serve it as ``name`` when given."""
+        """Load a save_pretrained directory or a peft adapter into the served model; serve it as ``name`` when given.
+
+        An adapter directory (``adapter_config.json``) is merged onto the
+        weights the server started with, as vLLM applies a LoRA adapter to its base model.
+        """
         directory = Path(path)
-        if (directory / "adapter_config.json").is_file() and not (directory / "config.json").is_file():
-            raise RequestError(400, f"{path!r} contains a LoRA adapter; this server loads full-weight directories only")
-        if not (directory / "config.json").is_file():
-            raise RequestError(400, f"{path!r} is not a save_pretrained directory (no config.json)")
+        is_adapter = (directory / "adapter_config.json").is_file() and not (directory / "config.json").is_file()
+        if not is_adapter and not (directory / "config.json").is_file():
+            raise RequestError(400, f"{path!r} is neither a save_pretrained directory (config.json) nor a peft "
+                                    "adapter directory (adapter_config.json); pass a directory written by save_pretrained")
         async with self._load_lock:
             started = time.monotonic()
-            fresh = await anyio.to_thread.run_sync(lambda: load_causal_lm(directory, device=self.device))
-            state = fresh.state_dict()
+            if is_adapter:
+                state = await anyio.to_thread.run_sync(lambda: merge_adapter(self._base_state, directory))
+            else:
+                fresh = await anyio.to_thread.run_sync(lambda: load_causal_lm(directory, device=self.device))
+                state = fresh.state_dict()
             try:
                 await self.executor.call(lambda: self.model.load_state_dict(state))
             except RuntimeError as exc:
                 raise RequestError(400, f"weights in {path!r} do not fit the served model: {exc}") from exc
             if name is not None:
                 self.served_name = name
-        log.info("weights_loaded", path=path, model=self.served_name, seconds=round(time.monotonic() - started, 3))
+        log.info("weights_loaded", path=path, model=self.served_name, adapter=is_adapter,
+                 seconds=round(time.monotonic() - started, 3))
 
     def close(self) -> None:
         # Called after the server loop ends: wait for the running batch, since
         # a torch call still running at interpreter shutdown aborts the process.
         self.executor.close()
         self.executor.join(60.0)
+
+
+_ADAPTER_PREFIX = "base_model.model."
+_LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
+
+
+def merge_adapter(base_state: dict[str, torch.Tensor], directory: Path) -> dict[str, torch.Tensor]:
+    """Return ``base_state`` with the peft LoRA adapter in ``directory`` merged in.
+
+    Each adapted linear weight becomes ``W + scale * B @ A`` with ``scale``
+    ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA). Raises
+    RequestError when the adapter is unreadable or names a weight the model lacks.
+    """
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(directory / "adapter_model.safetensors"))
+        rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RequestError(400, f"invalid LoRA adapter in {str(directory)!r} ({exc}); write it with peft's "
+                                "save_pretrained, which writes adapter_config.json and adapter_model.safetensors") from exc
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    merged = dict(base_state)
+    for key, lora_a in tensors.items():
+        if not key.endswith(_LORA_A):
+            continue
+        module = key.removeprefix(_ADAPTER_PREFIX).removesuffix(_LORA_A)
+        lora_b = tensors.get(key.removesuffix(_LORA_A) + _LORA_B)
+        target = f"{module}.weight"
+        if lora_b is None or target not in base_state:
+            raise RequestError(400, f"the LoRA adapter in {str(directory)!r} adapts {module!r}, which the served "
+                                    "model does not have (or its lora_B matrix is missing); train the adapter on "
+                                    "this model")
+        base = base_state[target]
+        update = scale * (lora_b.to(torch.float32) @ lora_a.to(torch.float32))
+        merged[target] = (base.to(torch.float32) + update.to(base.device)).to(base.dtype)
+    return merged
 
 
 class _CompletionRequest:

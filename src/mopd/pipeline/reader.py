@@ -38,10 +38,14 @@ from anyio.abc import ObjectSendStream
 
 from mopd.errors import ConfigError, InvalidRow
 from mopd.metrics import Metrics
+from mopd.pipeline.checkpoint import AppendLog
+from mopd.pipeline.progress import ProgressTracker
 from mopd.types import Messages, Row
 
 log = structlog.get_logger(__name__)
 
+DEFAULT_TEACHER_MESSAGES_KEY = "teacher_messages"
+"""Row key of the privileged teacher prompt when a teacher's own key is absent from a row."""
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 BOM = b"\xef\xbb\xbf"
 
@@ -58,13 +62,21 @@ class RouteTable:
 
 
 class RejectsFile:
-    """Appends rejected rows as JSON lines; each line keeps the original input."""
+    """Appends rejected rows as JSON lines; each line keeps the original input.
 
-    def __init__(self, path: Path, metrics: Metrics) -> None:
+    Every record contains ``reason``, ``message``, ``source``, ``line_number``,
+    ``row_id``, ``epoch`` and the original line: ``line`` when it is valid
+    UTF-8, else ``line_escaped`` with the bytes that are not as ``\\xNN``
+    escapes. A record ends its row in ``progress`` (the resume cursor).
+    """
+
+    event = "row_rejected"
+
+    def __init__(self, path: Path, metrics: Metrics, *, progress: ProgressTracker | None = None) -> None:
         self.path = path
         self._metrics = metrics
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("ab")
+        self.progress = progress
+        self.log = AppendLog(path)
         self.count = 0
 
     def write(
@@ -76,6 +88,9 @@ class RejectsFile:
         line_number: int,
         raw: bytes | None = None,
         row: Mapping[str, Any] | None = None,
+        epoch: int = 0,
+        end_offset: int | None = None,
+        route: str | None = None,
     ) -> None:
         record: dict[str, Any] = {
             "reason": reason,
@@ -83,8 +98,11 @@ class RejectsFile:
             "source": source,
             "line_number": line_number,
             "row_id": f"{source}:{line_number}",
+            "epoch": epoch,
             "rejected_at": time.time(),
         }
+        if route is not None:
+            record["route"] = route
         if raw is not None:
             try:
                 record["line"] = raw.decode("utf-8")
@@ -92,14 +110,40 @@ class RejectsFile:
                 record["line_escaped"] = raw.decode("utf-8", errors="backslashreplace")
         if row is not None:
             record["row"] = row
-        self._file.write(orjson.dumps(record, default=str) + b"\n")
-        self._file.flush()
+        self.log.append(record)
         self.count += 1
+        self._count(reason=reason, route=route)
+        if self.progress is not None and end_offset is not None:
+            self.progress.finish(epoch=epoch, source=source, line_number=line_number, end_offset=end_offset)
+        log.info(self.event, reason=reason, row_id=record["row_id"], detail=message)
+
+    def write_row(self, row: Row, *, reason: str, message: str) -> None:
+        """Write a row that a later stage could not use, with its original line."""
+        self.write(
+            reason=reason, message=message, source=row.source, line_number=row.line_number,
+            raw=None if row.line is None else row.line.encode("utf-8"), epoch=row.epoch,
+            end_offset=row.end_offset, route=row.route,
+        )
+
+    def _count(self, *, reason: str, route: str | None) -> None:
         self._metrics.rows_rejected.labels(reason=reason).inc()
-        log.info("row_rejected", reason=reason, row_id=record["row_id"], detail=message)
 
     def close(self) -> None:
-        self._file.close()
+        self.log.close()
+
+
+class DeadLetterFile(RejectsFile):
+    """Appends rows that were valid but could not be trained, such as rows
+    whose teacher stayed down longer than ``MOPD_DEAD_LETTER_SECONDS``.
+
+    Same record format as :class:`RejectsFile`; replay the lines once the
+    cause is fixed.
+    """
+
+    event = "row_dead_lettered"
+
+    def _count(self, *, reason: str, route: str | None) -> None:
+        self._metrics.rows_dead_lettered.labels(route=route or "", reason=reason).inc()
 
 
 def expand_sources(pattern: str) -> list[Path]:
@@ -115,25 +159,31 @@ def expand_sources(pattern: str) -> list[Path]:
     return [path]
 
 
-def _read_lines(handle: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes, bool]]:
-    """Yield (line number, bytes without the line ending, too long) per line.
+def _read_lines(
+    handle: BinaryIO, max_line_bytes: int, *, first_line: int = 0, offset: int = 0
+) -> Iterator[tuple[int, bytes, bool, int]]:
+    """Yield (line number, bytes without the line ending, too long, end offset) per line.
 
     An oversized line is consumed in bounded chunks so memory stays bounded.
+    ``first_line`` and ``offset`` give the line number and byte offset where
+    ``handle`` is positioned.
     """
-    number = 0
+    number = first_line
     while True:
         line = handle.readline(max_line_bytes + 1)
         if not line:
             return
         number += 1
+        offset += len(line)
         too_long = len(line) > max_line_bytes and not line.endswith(b"\n")
         if too_long:
             head = line
             while line and not line.endswith(b"\n"):
                 line = handle.readline(max_line_bytes + 1)
-            yield number, head, True
+                offset += len(line)
+            yield number, head, True, offset
             continue
-        yield number, line.rstrip(b"\r\n"), False
+        yield number, line.rstrip(b"\r\n"), False, offset
 
 
 def _messages(value: Any, *, key: str, reason: str) -> Messages:
@@ -161,7 +211,9 @@ def _messages(value: Any, *, key: str, reason: str) -> Messages:
     return tuple(out)
 
 
-def parse_row(raw: bytes, *, source: str, line_number: int, routes: RouteTable, epoch: int = 0) -> Row:
+def parse_row(
+    raw: bytes, *, source: str, line_number: int, routes: RouteTable, epoch: int = 0, end_offset: int = 0
+) -> Row:
     """Validate one line (without its line ending) and build a :class:`Row`.
 
     :raises InvalidRow: with one of the reason codes in the module docstring.
@@ -171,7 +223,7 @@ def parse_row(raw: bytes, *, source: str, line_number: int, routes: RouteTable, 
     if b"\x00" in raw:
         raise InvalidRow("nul_byte", "the line contains a NUL byte")
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRow("invalid_utf8", f"the line is not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
     try:
@@ -198,10 +250,12 @@ def parse_row(raw: bytes, *, source: str, line_number: int, routes: RouteTable, 
             known = ", ".join(sorted(routes.messages_key_by_route))
             raise InvalidRow("unknown_route", f"route {route!r} matches no teacher (configured: {known})")
 
-    teacher_key = routes.messages_key_by_route[route]
+    # Privileged prompt: the teacher's own key, else the shared key, else none (the student prompt is scored).
     teacher_messages = None
-    if data.get(teacher_key) is not None:
-        teacher_messages = _messages(data[teacher_key], key=teacher_key, reason="invalid_teacher_messages")
+    for teacher_key in dict.fromkeys((routes.messages_key_by_route[route], DEFAULT_TEACHER_MESSAGES_KEY)):
+        if data.get(teacher_key) is not None:
+            teacher_messages = _messages(data[teacher_key], key=teacher_key, reason="invalid_teacher_messages")
+            break
 
     expected = data.get("expected_answer")
     if expected is not None and (isinstance(expected, bool) or not isinstance(expected, str | int | float)):
@@ -220,7 +274,60 @@ def parse_row(raw: bytes, *, source: str, line_number: int, routes: RouteTable, 
         expected_answer=None if expected is None else str(expected),
         extra_info=extra,
         epoch=epoch,
+        line=text,
+        end_offset=end_offset,
     )
+
+
+@dataclass
+class LineOutcome:
+    """Result of :func:`handle_line` for one line."""
+
+    row: Row | None = None
+    """The valid row to send on, or None."""
+    resumed: bool = False
+    """True for a line that ended before a restart and is skipped."""
+
+
+def handle_line(
+    raw: bytes,
+    *,
+    too_long: bool,
+    source: str,
+    line_number: int,
+    end_offset: int,
+    epoch: int,
+    routes: RouteTable,
+    rejects: RejectsFile,
+    metrics: Metrics,
+    max_line_bytes: int,
+    progress: ProgressTracker | None,
+) -> LineOutcome:
+    """Validate one line: return its row, or reject it, or skip it when blank or already ended."""
+    if progress is not None and progress.is_finished(epoch=epoch, source=source, line_number=line_number):
+        return LineOutcome(resumed=True)
+    if not too_long and not raw.strip():
+        if progress is not None:
+            progress.finish(epoch=epoch, source=source, line_number=line_number, end_offset=end_offset)
+        return LineOutcome()
+    metrics.rows_read.inc()
+
+    try:
+        if too_long:
+            raise InvalidRow("line_too_long", f"the line is longer than {max_line_bytes} bytes")
+        row = parse_row(raw, source=source, line_number=line_number, routes=routes, epoch=epoch,
+                        end_offset=end_offset)
+    except InvalidRow as exc:
+        # Later epochs see the same bad lines; reject each line once.
+        if epoch == 0:
+            rejects.write(
+                reason=exc.reason, message=str(exc), source=source, line_number=line_number,
+                raw=raw[:max_line_bytes], epoch=epoch, end_offset=end_offset,
+            )
+        elif progress is not None:
+            progress.finish(epoch=epoch, source=source, line_number=line_number, end_offset=end_offset)
+        return LineOutcome()
+    return LineOutcome(row=row)
 
 
 async def read_rows(
@@ -233,47 +340,57 @@ async def read_rows(
     stop: anyio.Event,
     epochs: int = 1,
     max_line_bytes: int = 1 << 20,
+    progress: ProgressTracker | None = None,
 ) -> None:
     """Stage 1: send every valid row downstream, reject the rest, close the stream at the end.
 
     :param epochs: passes over ``sources``; 0 repeats until ``stop`` is set.
+    :param progress: the resume cursor; lines it marks as ended are skipped,
+        and each source is read from its low-watermark offset. Reading starts
+        at its first incomplete epoch.
     """
     async with send_rows:
-        epoch = 0
+        epoch = progress.completed_epochs if progress is not None else 0
         while (epochs == 0 or epoch < epochs) and not stop.is_set():
             sent = 0
+            resumed = 0
             for path in sources:
                 source = str(path)
+                first_line, offset = (0, 0) if progress is None else progress.resume_point(epoch=epoch, source=source)
+                resumed += first_line
+                last_line = first_line
                 with path.open("rb") as handle:
-                    for line_number, raw, too_long in _read_lines(handle, max_line_bytes):
+                    if offset:
+                        handle.seek(offset)
+                    for line_number, raw, too_long, end_offset in _read_lines(
+                        handle, max_line_bytes, first_line=first_line, offset=offset
+                    ):
+                        last_line = line_number
                         if stop.is_set():
                             log.info("reader_stopped", source=source, line_number=line_number, epoch=epoch)
                             return
-                        if not too_long and not raw.strip():
-                            continue
-                        metrics.rows_read.inc()
-
-                        try:
-                            if too_long:
-                                raise InvalidRow("line_too_long", f"the line is longer than {max_line_bytes} bytes")
-                            row = parse_row(raw, source=source, line_number=line_number, routes=routes, epoch=epoch)
-                        except InvalidRow as exc:
-                            # Later epochs see the same bad lines; reject each line once.
-                            if epoch == 0:
-                                rejects.write(
-                                    reason=exc.reason, message=str(exc), source=source, line_number=line_number,
-                                    raw=raw[:max_line_bytes],
-                                )
+                        outcome = handle_line(
+                            raw, too_long=too_long, source=source, line_number=line_number, end_offset=end_offset,
+                            epoch=epoch, routes=routes, rejects=rejects, metrics=metrics,
+                            max_line_bytes=max_line_bytes, progress=progress,
+                        )
+                        if outcome.row is None:
+                            resumed += outcome.resumed
                             continue
 
                         try:
-                            await send_rows.send(row)
+                            await send_rows.send(outcome.row)
                         except anyio.BrokenResourceError:
                             # The sampler stopped admitting rows (stop request); nothing more to read.
                             log.info("reader_stopped", source=source, line_number=line_number, epoch=epoch)
                             return
                         sent += 1
+                if progress is not None:
+                    progress.source_read(epoch=epoch, source=source, last_line=last_line)
+            if progress is not None:
+                progress.epoch_read(epoch=epoch, sources=[str(path) for path in sources])
             log.info("reader_epoch_done", epoch=epoch, rows=sent)
-            if sent == 0:
+            # An epoch with no valid row (and none that ended before a restart) would repeat forever.
+            if sent == 0 and resumed == 0:
                 break
             epoch += 1

@@ -28,6 +28,17 @@ Back-pressure and shutdown protocol:
 6. An exception in any stage cancels the task group, so no stage waits on a
    peer that died; the error propagates to the caller as ``StageError``
    naming the stage.
+7. With a resilience policy, rows of an unavailable teacher are parked
+   instead of rejected, and a parking stage sends them back into the
+   sampler's input through a second sender on the rows stream. That sender
+   closes only when no row can be parked any more, so the end of the input
+   still drains the pipeline as in step 4.
+8. With a checkpointer, the trainer submitter commits the trainer checkpoint
+   with the resume cursor after every ``checkpoint_every_steps`` steps (see
+   ``checkpoint.py``), and the run commits once more when it ends: after the
+   end of the input, max_steps or a completed drain, and after an abandoned
+   drain unless a step was cut short. A run that is cancelled from outside
+   (a second signal) commits nothing more; it resumes from the last commit.
 """
 
 from __future__ import annotations
@@ -46,10 +57,13 @@ from mopd.errors import StageError
 from mopd.metrics import Metrics
 from mopd.pipeline.advantages import build_advantages
 from mopd.pipeline.dispatcher import RouteAdmission, dispatch_groups, score_route
+from mopd.pipeline.follow import FollowConfig, follow_rows
 from mopd.pipeline.gate import StepGate
+from mopd.pipeline.progress import ProgressTracker
 from mopd.pipeline.reader import RejectsFile, RouteTable, read_rows
-from mopd.pipeline.sampler import sample_groups
-from mopd.pipeline.submitter import SubmitterState, submit_steps
+from mopd.pipeline.resilience import ResiliencePolicy
+from mopd.pipeline.sampler import release_parked_rows, sample_groups
+from mopd.pipeline.submitter import Checkpointer, StepEvaluator, SubmitterState, submit_steps
 from mopd.status import ServiceStatus
 from mopd.tokenization import PromptRenderer
 from mopd.types import Row, SampledGroup, ScoredGroup, TrainGroup
@@ -72,6 +86,8 @@ class PipelineConfig:
     max_line_bytes: int = 1 << 20
     loss_scale: float = 1.0
     loss_fn: str = "importance_sampling"
+    discount: float = 0.0
+    """Discount of future rewards added to each token's advantage; 0 adds none."""
     truncated_policy: str = "train"
     queue_size: int = 32
     route_queue_size: int = 8
@@ -80,6 +96,11 @@ class PipelineConfig:
     shutdown_grace_seconds: float = 30.0
     route_stall_seconds: float | None = None
     """A teacher call longer than this marks its route stalled (see ``dispatcher.py``); None never does."""
+    resilience: ResiliencePolicy | None = None
+    """Breaker, retry budget and parking of unavailable teachers (see ``resilience.py``); None rejects the rows
+    of a failing teacher at once."""
+    follow: FollowConfig | None = None
+    """Tail the sources for new lines instead of reading them once (see ``follow.py``)."""
 
 
 @dataclass
@@ -92,6 +113,7 @@ class PipelineResult:
     """``end_of_input``, ``max_steps`` or ``signal``."""
     abandoned: bool = False
     """True when the grace period ran out and in-flight work was dropped."""
+    rows_dead_lettered: int = 0
 
 
 async def _guard(name: str, stage: Callable[[], Awaitable[None]], status: ServiceStatus | None = None) -> None:
@@ -124,20 +146,39 @@ async def run_pipeline(
     metrics: Metrics,
     stop: anyio.Event,
     status: ServiceStatus | None = None,
+    dead_letters: RejectsFile | None = None,
+    progress: ProgressTracker | None = None,
+    checkpointer: Checkpointer | None = None,
+    initial_state: SubmitterState | None = None,
+    evaluator: StepEvaluator | None = None,
 ) -> PipelineResult:
-    """Run the five stages until the input ends, max_steps is reached or ``stop`` is set."""
+    """Run the five stages until the input ends, max_steps is reached or ``stop`` is set.
+
+    :param dead_letters: where rows of an unavailable teacher go; required with ``config.resilience``.
+    :param progress: the resume cursor the reader skips ended lines by and every row's end is recorded in.
+    :param checkpointer: commits the trainer checkpoint with ``progress``; None never commits.
+    :param initial_state: progress restored from the last checkpoint; ``max_steps`` counts from step 0 of the run.
+    :param evaluator: evaluates the student every ``evaluator.every_steps`` steps; None never does.
+    """
     missing = set(config.routes.messages_key_by_route) - set(scorers)
     if missing:
         raise StageError(f"no scorer for routes {sorted(missing)}; every route needs a teacher scorer")
+    if config.resilience is not None and dead_letters is None:
+        raise StageError("a resilience policy needs a dead-letter file for rows whose teacher stays down")
+
+    state = initial_state or SubmitterState()
+    if config.max_steps and state.steps >= config.max_steps:
+        log.info("max_steps_already_reached", steps=state.steps, max_steps=config.max_steps)
+        return PipelineResult(state=state, rows_rejected=rejects.count, stopped_by="max_steps")
 
     admission = RouteAdmission(
         {route: config.route_queue_size + config.workers_by_route.get(route, 1)
          for route in config.routes.messages_key_by_route},
-        stall_seconds=config.route_stall_seconds, metrics=metrics,
+        stall_seconds=config.route_stall_seconds, metrics=metrics, resilience=config.resilience,
     )
+    # The gate counts steps of this process; max_steps counts those of the whole run.
     gate = StepGate(groups_per_step=config.groups_per_step, max_policy_lag=config.max_policy_lag,
-                    max_steps=config.max_steps)
-    state = SubmitterState()
+                    max_steps=config.max_steps - state.steps if config.max_steps else 0)
     stopped_by = ["end_of_input"]
 
     def request_stop(reason: str) -> None:
@@ -148,6 +189,8 @@ async def run_pipeline(
 
     # 1. Bounded streams between the stages, one per route before the pools.
     send_rows, receive_rows = anyio.create_memory_object_stream[Row](config.queue_size)
+    # Parked rows re-enter the sampler's input through a second sender (see sampler.release_parked_rows).
+    parked_send = send_rows.clone() if config.resilience is not None else None
     send_groups, receive_groups = anyio.create_memory_object_stream[SampledGroup](config.queue_size)
     send_scored, receive_scored = anyio.create_memory_object_stream[ScoredGroup](config.queue_size)
     send_train, receive_train = anyio.create_memory_object_stream[TrainGroup](config.queue_size)
@@ -178,29 +221,41 @@ async def run_pipeline(
                 route_sends = {route: send for route, (send, _) in route_streams.items()}
                 guard = partial(_guard, status=status)
                 async with anyio.create_task_group() as stages:
-                    stages.start_soon(guard, "reader", partial(
-                        read_rows, send_rows, sources=config.sources, routes=config.routes, rejects=rejects,
-                        metrics=metrics, stop=stop, epochs=config.epochs, max_line_bytes=config.max_line_bytes))
+                    if config.follow is not None:
+                        stages.start_soon(guard, "reader", partial(
+                            follow_rows, send_rows, follow=config.follow, routes=config.routes, rejects=rejects,
+                            metrics=metrics, stop=stop, max_line_bytes=config.max_line_bytes, progress=progress))
+                    else:
+                        stages.start_soon(guard, "reader", partial(
+                            read_rows, send_rows, sources=config.sources, routes=config.routes, rejects=rejects,
+                            metrics=metrics, stop=stop, epochs=config.epochs, max_line_bytes=config.max_line_bytes,
+                            progress=progress))
+                    if parked_send is not None and dead_letters is not None:
+                        stages.start_soon(guard, "parking", partial(
+                            release_parked_rows, parked_send, receive_rows, admission=admission, gate=gate,
+                            dead_letters=dead_letters))
                     stages.start_soon(guard, "sampler", partial(
                         sample_groups, receive_rows, send_groups, sampler=sampler, renderer=renderer,
                         params=config.sampling, controller=controller, gate=gate, rejects=rejects, metrics=metrics,
-                        max_prompt_tokens=config.max_prompt_tokens, admission=admission))
+                        max_prompt_tokens=config.max_prompt_tokens, admission=admission, dead_letters=dead_letters))
                     stages.start_soon(guard, "dispatcher", partial(
                         dispatch_groups, receive_groups, route_sends, metrics=metrics))
                     for route, (_, receive) in route_streams.items():
                         stages.start_soon(guard, f"pool:{route}", partial(
                             score_route, receive, send_scored.clone(), route=route, scorer=scorers[route],
                             renderer=renderer, workers=config.workers_by_route.get(route, 1), metrics=metrics,
-                            admission=admission))
+                            admission=admission, gate=gate, dead_letters=dead_letters))
                     send_scored.close()
                     stages.start_soon(guard, "advantages", partial(
                         build_advantages, receive_scored, send_train, loss_scale=config.loss_scale,
-                        truncated_policy=config.truncated_policy, gate=gate, rejects=rejects, metrics=metrics))
+                        truncated_policy=config.truncated_policy, gate=gate, rejects=rejects, metrics=metrics,
+                        discount=config.discount, require_targets=config.loss_fn == "topk_forward_kl"))
                     stages.start_soon(guard, "submitter", partial(
                         submit_steps, receive_train, trainer=trainer, gate=gate, metrics=metrics, rejects=rejects,
                         state=state, groups_per_step=config.groups_per_step, max_steps=config.max_steps,
                         max_policy_lag=config.max_policy_lag, loss_fn=config.loss_fn, steps_path=config.steps_path,
-                        on_max_steps=lambda: request_stop("max_steps")))
+                        on_max_steps=lambda: request_stop("max_steps"), checkpointer=checkpointer,
+                        evaluator=evaluator))
                 # 3. Every stage has drained: stop the watcher.
                 tg.cancel_scope.cancel()
 
@@ -209,9 +264,20 @@ async def run_pipeline(
     except BaseExceptionGroup as group:
         raise _first_stage_error(group) from group
 
+    # 4. The closing commit: rows rejected or dead-lettered since the last
+    # step become part of the cursor. A step cut short by an abandoned drain
+    # may have changed the weights without its rows being recorded, so then
+    # the last commit stays.
+    if checkpointer is not None:
+        if state.in_step:
+            log.warning("final_checkpoint_skipped", reason="a step was cut short", last_step=state.steps)
+        else:
+            await checkpointer.commit(state)
+
     if state.abandoned_groups:
         log.info("groups_abandoned_after_max_steps", groups=state.abandoned_groups)
-    return PipelineResult(state=state, rows_rejected=rejects.count, stopped_by=stopped_by[0], abandoned=abandoned)
+    return PipelineResult(state=state, rows_rejected=rejects.count, stopped_by=stopped_by[0], abandoned=abandoned,
+                          rows_dead_lettered=dead_letters.count if dead_letters is not None else 0)
 
 
 def _first_stage_error(group: BaseExceptionGroup) -> BaseException:

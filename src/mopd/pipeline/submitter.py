@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +16,9 @@ from anyio.abc import ObjectReceiveStream
 
 from mopd.backends.base import Trainer
 from mopd.metrics import Metrics
+from mopd.pipeline.checkpoint import StateStore
 from mopd.pipeline.gate import StepGate
+from mopd.pipeline.progress import ProgressTracker
 from mopd.pipeline.reader import RejectsFile
 from mopd.types import RouteStats, StepResult, TrainGroup
 
@@ -32,6 +34,10 @@ class StepRecord:
     row_ids: list[str]
     """Ids of the rows trained in this step (``<source>:<line>``)."""
     finished_at: float
+    row_epochs: list[int] = field(default_factory=list)
+    """Epoch of each row in ``row_ids``, in the same order."""
+    evaluation: dict[str, float] = field(default_factory=dict)
+    """Figures of an evaluation run after this step (``eval/<route>/<name>``); empty when none ran."""
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -43,6 +49,7 @@ class StepRecord:
             "tokens": self.result.tokens,
             "rows": len(self.row_ids),
             "row_ids": self.row_ids,
+            "row_epochs": self.row_epochs,
             "step_seconds": self.result.seconds,
             "finished_at": self.finished_at,
         }
@@ -53,6 +60,10 @@ class StepRecord:
             out[f"route/{route}/student_nll"] = stats.student_nll_sum / tokens
             out[f"route/{route}/tokens"] = stats.tokens
             out[f"route/{route}/samples"] = stats.samples
+            if stats.topk_tokens:
+                out[f"route/{route}/topk_mass"] = stats.topk_mass_sum / stats.topk_tokens
+                out[f"route/{route}/topk_entropy"] = stats.topk_entropy_sum / stats.topk_tokens
+        out.update(self.evaluation)
         return out
 
 
@@ -96,6 +107,54 @@ class SubmitterState:
     stale_groups: int = 0
     abandoned_groups: int = 0
     """Groups that arrived after max_steps was reached; they are not trained."""
+    in_step: bool = False
+    """True from the start of a train step until its rows are recorded (and committed when due)."""
+
+
+@dataclass(frozen=True)
+class StepEvaluator:
+    """Evaluation run inside the submitter every ``every_steps`` optimizer steps.
+
+    It runs before the gate admits the next step's rows, so it measures the
+    weights of exactly that step and does not compete with sampling.
+    """
+
+    every_steps: int
+    evaluate: Callable[[int], Awaitable[dict[str, float]]]
+    """Called with the step number; returns flat figures such as ``eval/<route>/accuracy``."""
+
+    def due(self, steps: int) -> bool:
+        return self.every_steps > 0 and steps % self.every_steps == 0
+
+
+@dataclass
+class Checkpointer:
+    """Commits the trainer checkpoint with the resume cursor (see ``checkpoint.py``)."""
+
+    store: StateStore
+    trainer: Trainer
+    progress: ProgressTracker
+    metrics: Metrics
+    rejects: RejectsFile
+    dead_letters: RejectsFile | None = None
+    every_steps: int = 1
+    """Steps between two commits; the cursor is committed only with a checkpoint."""
+
+    def due(self, steps: int) -> bool:
+        return self.every_steps > 0 and steps % self.every_steps == 0
+
+    async def commit(self, state: SubmitterState) -> None:
+        started = time.monotonic()
+        await self.store.commit(
+            trainer=self.trainer, step=state.steps, policy_version=state.policy_version, tracker=self.progress,
+            counters={
+                "rows_trained": state.rows_trained,
+                "rows_rejected": self.rejects.count,
+                "rows_dead_lettered": self.dead_letters.count if self.dead_letters is not None else 0,
+            },
+        )
+        self.metrics.checkpoints.inc()
+        self.metrics.checkpoint_seconds.observe(time.monotonic() - started)
 
 
 async def submit_steps(
@@ -112,8 +171,16 @@ async def submit_steps(
     loss_fn: str,
     steps_path: Path | None,
     on_max_steps: Callable[[], None],
+    checkpointer: Checkpointer | None = None,
+    evaluator: StepEvaluator | None = None,
 ) -> None:
-    """Stage 5: train every ``groups_per_step`` groups; train the partial last batch at the end."""
+    """Stage 5: train every ``groups_per_step`` groups; train the partial last batch at the end.
+
+    :param checkpointer: commits the trainer checkpoint with the resume cursor
+        after every ``checkpointer.every_steps`` steps; None never commits.
+    :param evaluator: evaluates the student after every ``evaluator.every_steps``
+        steps and adds its figures to the step record; None never evaluates.
+    """
     batch: list[TrainGroup] = []
     steps_file = None
     if steps_path is not None:
@@ -131,10 +198,9 @@ async def submit_steps(
                 if lag > max_policy_lag:
                     state.stale_groups += 1
                     row = train_group.row
-                    rejects.write(
-                        reason="stale_policy",
+                    rejects.write_row(
+                        row, reason="stale_policy",
                         message=f"samples are {lag} policy versions old; MOPD_MAX_POLICY_LAG={max_policy_lag}",
-                        source=row.source, line_number=row.line_number,
                     )
                     gate.group_failed()
                     continue
@@ -142,7 +208,8 @@ async def submit_steps(
                 batch.append(train_group)
                 if len(batch) >= groups_per_step:
                     await _train(batch, trainer=trainer, gate=gate, metrics=metrics, state=state,
-                                 loss_fn=loss_fn, steps_file=steps_file)
+                                 loss_fn=loss_fn, steps_file=steps_file, checkpointer=checkpointer,
+                                 evaluator=evaluator)
                     batch = []
                     if max_steps and state.steps >= max_steps:
                         log.info("max_steps_reached", steps=state.steps)
@@ -150,7 +217,8 @@ async def submit_steps(
 
             if batch and not (max_steps and state.steps >= max_steps):
                 await _train(batch, trainer=trainer, gate=gate, metrics=metrics, state=state,
-                             loss_fn=loss_fn, steps_file=steps_file)
+                             loss_fn=loss_fn, steps_file=steps_file, checkpointer=checkpointer,
+                                 evaluator=evaluator)
     finally:
         if steps_file is not None:
             steps_file.close()
@@ -165,14 +233,18 @@ async def _train(
     state: SubmitterState,
     loss_fn: str,
     steps_file,
+    checkpointer: Checkpointer | None = None,
+    evaluator: StepEvaluator | None = None,
 ) -> None:
     datums = [d for group in batch for d in group.datums]
     routes: dict[str, RouteStats] = {}
     for group in batch:
         routes[group.row.route] = routes.get(group.row.route, RouteStats()).merge(group.stats)
 
+    state.in_step = True
     result = await trainer.train_step(datums, loss_fn)
-    record = StepRecord(result=result, routes=routes, row_ids=[g.row.row_id for g in batch], finished_at=time.time())
+    record = StepRecord(result=result, routes=routes, row_ids=[g.row.row_id for g in batch], finished_at=time.time(),
+                        row_epochs=[g.row.epoch for g in batch])
     state.steps += 1
     state.policy_version = result.policy_version
     state.rows_trained += len(batch)
@@ -191,13 +263,28 @@ async def _train(
         metrics.teacher_nll.labels(route=route).set(stats.teacher_nll_sum / tokens)
         metrics.student_nll.labels(route=route).set(stats.student_nll_sum / tokens)
         metrics.route_trained_tokens.labels(route=route).inc(stats.tokens)
+        if stats.topk_tokens:
+            metrics.topk_mass.labels(route=route).set(stats.topk_mass_sum / stats.topk_tokens)
+            metrics.topk_entropy.labels(route=route).set(stats.topk_entropy_sum / stats.topk_tokens)
     for group in batch:
         metrics.rows_trained.labels(route=group.row.route).inc()
+    if evaluator is not None and evaluator.due(state.steps):
+        record.evaluation = await evaluator.evaluate(state.steps)
     if steps_file is not None:
         steps_file.write(orjson.dumps(record.to_json()) + b"\n")
         steps_file.flush()
+    if checkpointer is not None:
+        for group in batch:
+            checkpointer.progress.finish(epoch=group.row.epoch, source=group.row.source,
+                                         line_number=group.row.line_number, end_offset=group.row.end_offset)
 
-    log.info("train_step", **{k: v for k, v in record.to_json().items() if "/" not in k and k != "row_ids"},
+    log.info("train_step", **{k: v for k, v in record.to_json().items()
+                              if "/" not in k and k not in ("row_ids", "row_epochs")},
              reverse_kl={r: round(s.reverse_kl_sum / max(s.tokens, 1), 4) for r, s in routes.items()})
+    # Commit before the gate admits the next step's rows, so the checkpoint
+    # does not queue behind their sampling on a shared device thread.
+    if checkpointer is not None and checkpointer.due(state.steps):
+        await checkpointer.commit(state)
+    state.in_step = False
     gate.step_done()
     await anyio.lowlevel.checkpoint()

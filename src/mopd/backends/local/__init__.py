@@ -9,10 +9,11 @@ import structlog
 import torch
 
 from mopd.backends.local.executor import DeviceExecutor
+from mopd.backends.local.lora import LoraSpec, parse_target_modules, wrap_lora
 from mopd.backends.local.models import LocalSampler, LocalScorer, LocalTrainer, load_causal_lm, resolve_device
 from mopd.errors import ConfigError
 from mopd.settings import Settings, resolve_teachers
-from mopd.tokenization import PromptRenderer, load_tokenizer
+from mopd.tokenization import PromptRenderer, check_teacher_tokenizer, load_tokenizer
 
 log = structlog.get_logger(__name__)
 
@@ -29,9 +30,21 @@ class LocalBackends:
     context_window: int | None
     teacher_samplers: dict[str, LocalSampler]
     """Greedy samplers over the teacher models, for evaluation only."""
+    student_scorer: LocalScorer | None = None
+    """Scorer over the sampler's student model (the latest published weights), for evaluation only."""
 
     async def aclose(self) -> None:
         await self.executor.aclose()
+
+
+def lora_spec(settings: Settings) -> LoraSpec | None:
+    """The LoRA settings of the local trainer, or None when MOPD_LORA_RANK is 0."""
+    if not settings.lora_rank:
+        return None
+    return LoraSpec(
+        rank=settings.lora_rank, alpha=settings.lora_alpha or 2.0 * settings.lora_rank,
+        target_modules=parse_target_modules(settings.lora_target_modules), publish=settings.lora_publish,
+    )
 
 
 def resolve_model_path(name: str, *, model_root: str | None, variable: str) -> Path:
@@ -63,12 +76,16 @@ def build_local_backends(settings: Settings) -> LocalBackends:
     executor = DeviceExecutor(max_batch_size=settings.max_batch_size)
 
     student = load_causal_lm(student_path, device=device)
+    lora = lora_spec(settings)
+    if lora is not None and lora.publish == "adapter":
+        # The sampler receives only the LoRA matrices, so it carries the same LoRA layers.
+        student = wrap_lora(student, lora, seed=settings.seed).get_base_model()
     sampler = LocalSampler(model=student, executor=executor, eos_token_ids=[renderer.eos_token_id],
                            pad_token_id=renderer.pad_token_id, seed=settings.seed)
     trainer = LocalTrainer(
         model=load_causal_lm(student_path, device=device, train=True), sampler=sampler, executor=executor,
         pad_token_id=renderer.pad_token_id, learning_rate=settings.learning_rate,
-        weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
+        weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm, lora=lora, seed=settings.seed,
     )
 
     teachers, source, _ = resolve_teachers(settings)
@@ -88,18 +105,16 @@ def build_local_backends(settings: Settings) -> LocalBackends:
     context = getattr(student.config, "max_position_embeddings", None)
     log.info("local_backend_loaded", device=str(device), student=str(student_path), teachers=sorted(scorers),
              parameters=sum(p.numel() for p in student.parameters()))
+    student_scorer = LocalScorer(name="student", model=student, executor=executor, pad_token_id=renderer.pad_token_id)
     return LocalBackends(executor=executor, renderer=renderer, sampler=sampler, scorers=scorers, trainer=trainer,
-                         context_window=context, teacher_samplers=teacher_samplers)
+                         context_window=context, teacher_samplers=teacher_samplers, student_scorer=student_scorer)
 
 
 def check_same_tokenizer(student_dir: Path, teacher_dir: Path, *, route: str) -> None:
-    """Refuse a teacher whose tokenizer differs from the student's: its ids would mean other text."""
+    """Refuse a teacher whose tokenizer differs from the student's: its ids would mean other text.
+
+    A teacher directory without tokenizer files is not checked.
+    """
     if not (teacher_dir / "tokenizer_config.json").is_file() and not (teacher_dir / "tokenizer.json").is_file():
         return
-    student_tok = load_tokenizer(student_dir)
-    teacher_tok = load_tokenizer(teacher_dir)
-    if student_tok.get_vocab() != teacher_tok.get_vocab() or student_tok.eos_token_id != teacher_tok.eos_token_id:
-        raise ConfigError(
-            f"teacher for route {route!r} uses the tokenizer in {str(teacher_dir)!r}, which differs from the "
-            f"student's in {str(student_dir)!r}; student and teachers must share one tokenizer"
-        )
+    check_teacher_tokenizer(student_dir, teacher_dir, route=route)

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from mopd.backends.base import SamplingParams, ScoredCompletion
 from mopd.backends.local.executor import DeviceExecutor
+from mopd.backends.local.lora import LoraSpec, adapter_state_dict, merged_state_dict, save_lora_weights, wrap_lora
 from mopd.errors import ConfigError
 from mopd.types import Datum, Sample, StepResult
 
@@ -191,9 +192,15 @@ class LocalSampler:
             cursor += p.n
         return grouped
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor], *, version: int) -> None:
-        """Copy new weights in. Call it on the device thread, so that no batch runs on half-copied weights."""
-        self._model.load_state_dict(state_dict)
+    def load_weights(self, state_dict: dict[str, torch.Tensor], *, version: int, strict: bool = True) -> None:
+        """Copy new weights in. Call it on the device thread, so that no batch runs on half-copied weights.
+
+        :param strict: False loads a subset, such as only the LoRA matrices.
+        """
+        result = self._model.load_state_dict(state_dict, strict=strict)
+        if not strict and result.unexpected_keys:
+            raise ValueError(f"the sampler's model has no parameters {result.unexpected_keys[:3]} ...; "
+                             "trainer and sampler must have the same LoRA layout")
         self._version = version
 
     async def aclose(self) -> None:
@@ -209,6 +216,20 @@ def completion_logprobs(
 ) -> list[list[float]]:
     """Return, per (prompt, completion), the logprob of each completion token
     given every token before it."""
+    return [logprobs for logprobs, _, _ in completion_scores(model, sequences, pad_token_id=pad_token_id)]
+
+
+@torch.inference_mode()
+def completion_scores(
+    model: PreTrainedModel,
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    pad_token_id: int,
+    top_k: int = 0,
+) -> list[tuple[list[float], list[list[int]] | None, list[list[float]] | None]]:
+    """Return, per (prompt, completion), the logprob of each completion token
+    given every token before it and, when ``top_k`` > 0, the ``top_k`` most
+    likely ids and their logprobs at each completion position."""
     device = next(model.parameters()).device
     full = [list(prompt) + list(completion) for prompt, completion in sequences]
     width = max(len(s) for s in full)
@@ -220,16 +241,21 @@ def completion_logprobs(
     logits_BLV = model(input_ids=input_ids_BL, attention_mask=attention_BL).logits.float()
     logp_BLV = torch.log_softmax(logits_BLV, dim=-1)
 
-    results = []
+    results: list[tuple[list[float], list[list[int]] | None, list[list[float]] | None]] = []
     for i, (prompt, completion) in enumerate(sequences):
         if not completion:
-            results.append([])
+            results.append(([], [] if top_k else None, [] if top_k else None))
             continue
         # Position p predicts token p + 1, so completion token j is read at len(prompt) + j - 1.
         start = len(prompt) - 1
         positions = torch.arange(start, start + len(completion), device=device)
         targets = torch.tensor(list(completion), dtype=torch.long, device=device)
-        results.append(logp_BLV[i, positions, targets].tolist())
+        logprobs = logp_BLV[i, positions, targets].tolist()
+        if not top_k:
+            results.append((logprobs, None, None))
+            continue
+        top_values_TK, top_ids_TK = logp_BLV[i, positions].topk(min(top_k, logp_BLV.shape[-1]), dim=-1)
+        results.append((logprobs, top_ids_TK.tolist(), top_values_TK.tolist()))
     return results
 
 
@@ -243,27 +269,33 @@ class LocalScorer:
         self._pad_token_id = pad_token_id
 
     async def score(
-        self, prompt_ids_T: Sequence[int], completions_S: Sequence[Sequence[int]]
+        self, prompt_ids_T: Sequence[int], completions_S: Sequence[Sequence[int]], *, top_k: int = 0
     ) -> list[ScoredCompletion]:
         if not prompt_ids_T:
             raise ValueError("cannot score after an empty prompt")
         payload = (tuple(prompt_ids_T), tuple(tuple(c) for c in completions_S))
         return await self._executor.submit(
-            key=("score", id(self)), run=self._score_batch, payload=payload, size=len(completions_S)
+            key=("score", id(self), top_k), run=lambda payloads: self._score_batch(payloads, top_k=top_k),
+            payload=payload, size=len(completions_S),
         )
 
     def _score_batch(
-        self, payloads: list[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]]
+        self, payloads: list[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]], *, top_k: int = 0
     ) -> list[list[ScoredCompletion]]:
         sequences = [(prompt, completion) for prompt, completions in payloads for completion in completions]
-        logprobs = completion_logprobs(self._model, sequences, pad_token_id=self._pad_token_id)
+        scores = completion_scores(self._model, sequences, pad_token_id=self._pad_token_id, top_k=top_k)
         grouped = []
         cursor = 0
         for prompt, completions in payloads:
-            grouped.append([
-                ScoredCompletion(logprobs_T=tuple(lps), echoed_ids_T=completion)
-                for lps, completion in zip(logprobs[cursor:cursor + len(completions)], completions, strict=True)
-            ])
+            group = []
+            for (lps, top_ids, top_lps), completion in zip(scores[cursor:cursor + len(completions)], completions,
+                                                            strict=True):
+                group.append(ScoredCompletion(
+                    logprobs_T=tuple(lps), echoed_ids_T=completion,
+                    topk_ids_TK=None if top_ids is None else tuple(tuple(row) for row in top_ids),
+                    topk_logprobs_TK=None if top_lps is None else tuple(tuple(row) for row in top_lps),
+                ))
+            grouped.append(group)
             cursor += len(completions)
         return grouped
 
@@ -290,8 +322,21 @@ def importance_sampling_loss(
     return -(ratio_BT * advantages_BT * mask_BT).sum()
 
 
+def topk_cross_entropy_loss(
+    logp_BLV: torch.Tensor, target_ids_BLK: torch.Tensor, target_probs_BLK: torch.Tensor, mask_BL: torch.Tensor
+) -> torch.Tensor:
+    """Sum over tokens of the cross-entropy ``-sum_k p_k log q(id_k)`` on soft top-K targets.
+
+    Up to the targets' entropy, which has no gradient, this is the forward KL
+    from the (truncated, renormalised) teacher distribution to the student.
+    Padding candidates carry probability 0.
+    """
+    learner_BLK = logp_BLV.gather(2, target_ids_BLK)
+    return -((target_probs_BLK * learner_BLK).sum(-1) * mask_BL).sum()
+
+
 def pad_datums(datums: Sequence[Datum], *, pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad datums into batch tensors of shape (B, L)."""
+    """Right-pad datums into batch tensors of shape (B, L), and (B, L, K) for top-K targets."""
     width = max(len(d.input_ids_T) for d in datums)
     batch = len(datums)
 
@@ -314,6 +359,16 @@ def pad_datums(datums: Sequence[Datum], *, pad_token_id: int, device: torch.devi
         out["sampling_logprobs"][i, :n] = torch.tensor(d.sampling_logprobs_T)
         out["advantages"][i, :n] = torch.tensor(d.advantages_T)
         out["mask"][i, :n] = torch.tensor(d.mask_T)
+
+    if any(d.target_ids_TK is not None for d in datums):
+        k = max((len(row) for d in datums for row in d.target_ids_TK or ()), default=1) or 1
+        out["target_ids_K"] = torch.zeros((batch, width, k), dtype=torch.long, device=device)
+        out["target_probs_K"] = torch.zeros((batch, width, k), dtype=torch.float32, device=device)
+        for i, d in enumerate(datums):
+            for position, (ids, probs) in enumerate(zip(d.target_ids_TK or (), d.target_probs_TK or (), strict=True)):
+                if ids:
+                    out["target_ids_K"][i, position, :len(ids)] = torch.tensor(ids)
+                    out["target_probs_K"][i, position, :len(probs)] = torch.tensor(probs)
     return out
 
 
@@ -322,6 +377,9 @@ def target_logprobs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> t
     logits_BLV = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     logp_BLV = torch.log_softmax(logits_BLV, dim=-1)
     return logp_BLV.gather(2, batch["target_ids"][:, :, None]).squeeze(2)
+
+
+LOCAL_LOSSES = ("importance_sampling", "topk_forward_kl")
 
 
 class WeightPublisher(Protocol):
@@ -343,6 +401,8 @@ class LocalTrainer:
         step; None when the student is served elsewhere.
     :param publisher: hook that delivers the weights to a served student after
         each step; ``train_step`` returns only once it has finished.
+    :param lora: train LoRA matrices only (see :mod:`mopd.backends.local.lora`);
+        None trains every weight.
     """
 
     def __init__(
@@ -356,7 +416,14 @@ class LocalTrainer:
         weight_decay: float = 0.0,
         max_grad_norm: float = 0.0,
         publisher: WeightPublisher | None = None,
+        lora: LoraSpec | None = None,
+        seed: int = 0,
     ) -> None:
+        self._lora = lora
+        self._peft = None
+        if lora is not None:
+            self._peft = wrap_lora(model, lora, seed=seed)
+            model = self._peft.get_base_model()
         self._model = model
         self._sampler = sampler
         self._publisher = publisher
@@ -364,7 +431,8 @@ class LocalTrainer:
         self._pad_token_id = pad_token_id
         self._max_grad_norm = max_grad_norm
         self._device = next(model.parameters()).device
-        self._optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        self._trainable = [p for p in model.parameters() if p.requires_grad]
+        self._optimizer = torch.optim.AdamW(self._trainable, lr=learning_rate, weight_decay=weight_decay)
         self._version = sampler.policy_version if sampler is not None else 0
         self._step = 0
 
@@ -373,36 +441,59 @@ class LocalTrainer:
         return self._version
 
     async def train_step(self, datums: Sequence[Datum], loss_fn: str) -> StepResult:
-        if loss_fn != "importance_sampling":
-            raise ValueError(f"the local trainer has no loss {loss_fn!r}; use importance_sampling")
+        if loss_fn not in LOCAL_LOSSES:
+            raise ValueError(f"the local trainer has no loss {loss_fn!r}; use one of {', '.join(LOCAL_LOSSES)}")
         if not datums:
             raise ValueError("train_step needs at least one datum")
-        result = await self._executor.call(lambda: self._train_step(list(datums)))
+        if loss_fn == "topk_forward_kl" and any(d.target_ids_TK is None for d in datums):
+            raise ValueError("topk_forward_kl needs top-K targets on every datum; score with top-K teachers")
+        result = await self._executor.call(lambda: self._train_step(list(datums), loss_fn))
         if self._publisher is not None:
             await self._publisher.publish(version=result.policy_version, save=self.save_weights)
         return result
 
     async def save_weights(self, directory: Path) -> None:
-        """Write the current weights as a save_pretrained directory (safetensors), on the device thread."""
+        """Write the current weights as a save_pretrained directory (safetensors), on the device thread.
+
+        With LoRA the directory contains the merged weights or the peft adapter, as ``LoraSpec.publish`` selects.
+        """
+        if self._peft is not None and self._lora is not None:
+            peft, publish = self._peft, self._lora.publish
+            await self._executor.call(lambda: save_lora_weights(peft, directory, publish=publish))
+            return
         await self._executor.call(lambda: self._model.save_pretrained(str(directory), safe_serialization=True))
 
-    def _train_step(self, datums: list[Datum]) -> StepResult:
+    def _sampler_weights(self) -> tuple[dict[str, torch.Tensor], bool]:
+        """Weights for the in-process sampler, and whether they are the full set (strict loading)."""
+        if self._lora is None:
+            return self._model.state_dict(), True
+        if self._lora.publish == "adapter":
+            return adapter_state_dict(self._model), False
+        return merged_state_dict(self._model), True
+
+    def _train_step(self, datums: list[Datum], loss_fn: str = "importance_sampling") -> StepResult:
         started = time.monotonic()
         self._model.train()
 
         # 1. Forward and backward.
         batch = pad_datums(datums, pad_token_id=self._pad_token_id, device=self._device)
-        learner_BT = target_logprobs(self._model, batch)
-        loss_sum = importance_sampling_loss(learner_BT, batch["sampling_logprobs"], batch["advantages"], batch["mask"])
+        if loss_fn == "topk_forward_kl":
+            logits_BLV = self._model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logp_BLV = torch.log_softmax(logits_BLV.float(), dim=-1)
+            loss_sum = topk_cross_entropy_loss(logp_BLV, batch["target_ids_K"], batch["target_probs_K"], batch["mask"])
+        else:
+            learner_BT = target_logprobs(self._model, batch)
+            loss_sum = importance_sampling_loss(learner_BT, batch["sampling_logprobs"], batch["advantages"],
+                                                batch["mask"])
         tokens = int(batch["mask"].sum().item())
         loss = loss_sum / max(tokens, 1)
         loss.backward()
 
         # 2. Clip and step.
         if self._max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._model.parameters(), self._max_grad_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._trainable, self._max_grad_norm))
         else:
-            grad_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in self._model.parameters() if p.grad is not None))
+            grad_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in self._trainable if p.grad is not None))
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         self._step += 1
@@ -411,7 +502,8 @@ class LocalTrainer:
         #    it samples already uses the new weights and version.
         self._version += 1
         if self._sampler is not None:
-            self._sampler.load_weights(self._model.state_dict(), version=self._version)
+            weights, strict = self._sampler_weights()
+            self._sampler.load_weights(weights, version=self._version, strict=strict)
 
         return StepResult(
             step=self._step, policy_version=self._version, loss=float(loss.item()), grad_norm=grad_norm,
@@ -439,7 +531,8 @@ class LocalTrainer:
             self._version = int(state["version"])
             self._step = int(state["step"])
             if self._sampler is not None:
-                self._sampler.load_weights(self._model.state_dict(), version=self._version)
+                weights, strict = self._sampler_weights()
+                self._sampler.load_weights(weights, version=self._version, strict=strict)
 
         await self._executor.call(load)
         if self._publisher is not None:

@@ -16,11 +16,11 @@ import structlog
 import torch
 from pydantic import SecretStr
 
-from mopd.backends.local import check_same_tokenizer
+from mopd.backends.local import check_same_tokenizer, lora_spec
 from mopd.backends.local.executor import DeviceExecutor
 from mopd.backends.local.models import LocalTrainer, load_causal_lm, resolve_device
 from mopd.backends.openai.client import Deployment, RetryPolicy, Timeouts
-from mopd.backends.openai.dialects import DEFAULT_SCORE_MODE, Wire
+from mopd.backends.openai.dialects import DEFAULT_SCORE_MODE, TOPK_SCORE_MODES, Wire
 from mopd.backends.openai.sampler import OpenAISampler, OpenAIScorer
 from mopd.backends.openai.weights import ServerWeightSync
 from mopd.errors import ConfigError
@@ -70,7 +70,31 @@ def check_openai_settings(settings: Settings) -> None:
             "server is not declared to report them; start vLLM with --logprobs-mode processed_logprobs and set "
             "MOPD_OPENAI_PROCESSED_LOGPROBS=true, or set MOPD_TEMPERATURE=1"
         )
-    if settings.openai_weight_sync == "disk" and len(settings.student_base_urls) > 1:
+    if settings.loss_fn == "topk_forward_kl":
+        if settings.topk > settings.openai_max_logprobs:
+            raise ConfigError(
+                f"MOPD_TOPK={settings.topk} is above the teacher servers' limit of {settings.openai_max_logprobs} "
+                "top-K candidates per position (MOPD_OPENAI_MAX_LOGPROBS; vLLM's --max-logprobs); lower MOPD_TOPK or "
+                "raise the servers' limit and MOPD_OPENAI_MAX_LOGPROBS with it"
+            )
+        mode = DEFAULT_SCORE_MODE[settings.openai_dialect] if settings.openai_score_mode == "auto" \
+            else settings.openai_score_mode
+        if mode not in TOPK_SCORE_MODES:
+            raise ConfigError(
+                f"MOPD_LOSS_FN=topk_forward_kl needs top-K ids from the teachers, which score mode {mode!r} "
+                f"({settings.openai_dialect}) does not return; set MOPD_OPENAI_SCORE_MODE to one of {TOPK_SCORE_MODES}"
+            )
+    sync_mode = settings.effective_weight_sync
+    if settings.lora_rank and settings.lora_publish == "adapter" and sync_mode == "disk":
+        raise ConfigError(
+            "MOPD_LORA_PUBLISH=adapter writes a LoRA adapter, but MOPD_OPENAI_WEIGHT_SYNC=disk loads full weights; "
+            "set MOPD_LORA_PUBLISH=merged or MOPD_OPENAI_WEIGHT_SYNC=lora"
+        )
+    if sync_mode == "lora" and not (settings.lora_rank and settings.lora_publish == "adapter"):
+        log.warning("weight_sync_full_weights_as_adapter", dialect=settings.openai_dialect,
+                    note="load_lora_adapter gets full weights, which mopd model-server loads and vLLM refuses; "
+                         "set MOPD_LORA_RANK and MOPD_LORA_PUBLISH=adapter for vLLM")
+    if sync_mode == "disk" and len(settings.student_base_urls) > 1:
         log.warning("weight_sync_disk_replicas", replicas=len(settings.student_base_urls),
                     note="replicas update one after another; a request between two updates sees older weights")
 
@@ -140,7 +164,7 @@ def build_openai_backends(settings: Settings) -> OpenAIBackends:
     device = resolve_device(settings.device)
     executor = DeviceExecutor(max_batch_size=settings.max_batch_size)
     sync = ServerWeightSync(
-        deployment=student, sampler=sampler, mode=settings.openai_weight_sync,
+        deployment=student, sampler=sampler, mode=settings.effective_weight_sync,
         local_dir=settings.openai_weight_dir or settings.state_dir / "weights",
         server_dir=settings.openai_weight_server_dir, keep_versions=settings.openai_keep_weight_versions,
     )
@@ -148,12 +172,12 @@ def build_openai_backends(settings: Settings) -> OpenAIBackends:
     trainer = LocalTrainer(
         model=model, sampler=None, executor=executor, pad_token_id=renderer.pad_token_id,
         learning_rate=settings.learning_rate, weight_decay=settings.weight_decay,
-        max_grad_norm=settings.max_grad_norm, publisher=sync,
+        max_grad_norm=settings.max_grad_norm, publisher=sync, lora=lora_spec(settings), seed=settings.seed,
     )
 
     log.info("openai_backend_ready", dialect=wire.dialect, score_mode=wire.score_mode, student=served_student,
              student_replicas=len(student.replicas), teachers=sorted(scorers), teacher_source=source,
-             weight_sync=settings.openai_weight_sync, trainer_device=str(device))
+             weight_sync=settings.effective_weight_sync, trainer_device=str(device))
     return OpenAIBackends(
         renderer=renderer, sampler=sampler, scorers=scorers, trainer=trainer,
         context_window=getattr(model.config, "max_position_embeddings", None),

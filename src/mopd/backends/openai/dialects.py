@@ -213,22 +213,36 @@ def _finish_reason(value: Any) -> str:
 # --- scoring -------------------------------------------------------------------
 
 
+TOPK_SCORE_MODES = ("prompt_logprobs", "generate")
+"""Score modes that return top-K candidates per prompt position with their token ids."""
+
+
 def score_request(
-    wire: Wire, *, model: str, prompt_ids_T: Sequence[int], completion_ids_T: Sequence[int]
+    wire: Wire, *, model: str, prompt_ids_T: Sequence[int], completion_ids_T: Sequence[int], top_k: int = 0
 ) -> tuple[str, dict[str, Any]]:
-    """Return the path and JSON body that score ``completion_ids_T`` after ``prompt_ids_T``."""
+    """Return the path and JSON body that score ``completion_ids_T`` after ``prompt_ids_T``.
+
+    :param top_k: also ask for the ``top_k`` most likely ids at every position
+        (score modes ``prompt_logprobs`` and ``generate`` only).
+    """
     sequence = list(prompt_ids_T) + list(completion_ids_T)
+    if top_k and wire.score_mode not in TOPK_SCORE_MODES:
+        raise ValueError(f"score mode {wire.score_mode!r} returns no top-K ids; use one of {TOPK_SCORE_MODES}")
     if wire.score_mode == "generate":
-        return "/generate", {
+        body = {
             "input_ids": sequence,
             "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
             "return_logprob": True,
             "logprob_start_len": sglang_start(len(prompt_ids_T)),
         }
+        if top_k:
+            body["top_logprobs_num"] = top_k
+        return "/generate", body
     if wire.score_mode == "prompt_logprobs":
+        # vLLM returns the top prompt_logprobs ids per position plus the sent id when it is not among them.
         return "/v1/completions", {
             "model": model, "prompt": sequence, "max_tokens": 1, "temperature": 1.0,
-            "prompt_logprobs": 0, "return_token_ids": True,
+            "prompt_logprobs": top_k, "return_token_ids": True,
         }
     body: dict[str, Any] = {
         "model": model, "prompt": sequence, "echo": True, "logprobs": 1, "temperature": 1.0,
@@ -250,9 +264,18 @@ def sglang_start(prompt_length: int) -> int:
 
 
 def parse_score(
-    wire: Wire, body: Any, *, prompt_ids_T: Sequence[int], completion_ids_T: Sequence[int], deployment: str
+    wire: Wire,
+    body: Any,
+    *,
+    prompt_ids_T: Sequence[int],
+    completion_ids_T: Sequence[int],
+    deployment: str,
+    top_k: int = 0,
 ) -> ScoredCompletion:
-    """Read one logprob per completion token from a scoring response and check it."""
+    """Read one logprob per completion token from a scoring response and check it.
+
+    :param top_k: also read the ``top_k`` candidates at every completion position.
+    """
     sequence = tuple(prompt_ids_T) + tuple(completion_ids_T)
     try:
         if wire.score_mode == "generate":
@@ -263,10 +286,52 @@ def parse_score(
             start, echoed, values = _read_echo(body, sequence=sequence)
         logprobs_T = check_positions(sequence=sequence, start=start, echoed_ids=echoed, logprobs=values,
                                      prompt_length=len(prompt_ids_T))
+        topk_ids = topk_logprobs = None
+        if top_k:
+            topk_ids, topk_logprobs = _read_topk(wire, body, prompt_length=len(prompt_ids_T),
+                                                 count=len(completion_ids_T), top_k=top_k)
     except AlignmentError as exc:
         log.warning("teacher_response_rejected", deployment=deployment, reason=exc.reason, error=str(exc))
         return ScoredCompletion(logprobs_T=None, failure=exc.reason)
-    return ScoredCompletion(logprobs_T=logprobs_T, echoed_ids_T=tuple(completion_ids_T))
+    return ScoredCompletion(logprobs_T=logprobs_T, echoed_ids_T=tuple(completion_ids_T), topk_ids_TK=topk_ids,
+                            topk_logprobs_TK=topk_logprobs)
+
+
+def _read_topk(
+    wire: Wire, body: Any, *, prompt_length: int, count: int, top_k: int
+) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[float, ...], ...]]:
+    """Read the ``top_k`` most likely ids and logprobs at each of the ``count`` completion positions.
+
+    :raises AlignmentError: missing_topk when a position has no candidates.
+    """
+    rows: list[list[tuple[int, float]]] = []
+    if wire.score_mode == "prompt_logprobs":
+        choice = _first_choice(body)
+        entries = choice.get("prompt_logprobs")
+        if entries is None:
+            entries = body.get("prompt_logprobs")
+        for entry in (entries or [])[prompt_length:prompt_length + count]:
+            if not isinstance(entry, dict):
+                raise AlignmentError("missing_topk", "a completion position of prompt_logprobs has no candidates")
+            # Entries hold the top prompt_logprobs ids (ranks 1..k) and the sent id, whatever its rank.
+            ranked = sorted(
+                ((v.get("rank", 0), int(k), _as_float(v.get("logprob"))) for k, v in entry.items() if isinstance(v, dict)),
+            )
+            rows.append([(token_id, value) for rank, token_id, value in ranked if rank <= top_k][:top_k])
+    else:
+        item = body[0] if isinstance(body, list) and body else body
+        meta = item.get("meta_info") if isinstance(item, dict) else None
+        entries = meta.get("input_top_logprobs") if isinstance(meta, dict) else None
+        # Entries start at logprob_start_len (the last prompt position), so entry j + 1 is completion token j.
+        for entry in (entries or [])[1:1 + count]:
+            if not isinstance(entry, list) or not entry:
+                raise AlignmentError("missing_topk", "a completion position of input_top_logprobs has no candidates")
+            candidates = [_entry(e, deployment="teacher", error=AlignmentError) for e in entry]
+            rows.append([(int(token_id), _as_float(value)) for value, token_id in candidates][:top_k])
+    if len(rows) != count or any(not row for row in rows):
+        raise AlignmentError("missing_topk", f"expected top-K candidates at {count} completion positions, "
+                             f"the server returned {len(rows)}")
+    return (tuple(tuple(i for i, _ in row) for row in rows), tuple(tuple(v for _, v in row) for row in rows))
 
 
 def check_positions(

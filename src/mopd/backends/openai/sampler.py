@@ -85,33 +85,35 @@ class OpenAIScorer:
         self._model = model
 
     async def score(
-        self, prompt_ids_T: Sequence[int], completions_S: Sequence[Sequence[int]]
+        self, prompt_ids_T: Sequence[int], completions_S: Sequence[Sequence[int]], *, top_k: int = 0
     ) -> list[ScoredCompletion]:
         if not prompt_ids_T:
             raise ValueError("cannot score after an empty prompt")
         results_S: list[ScoredCompletion | None] = [None] * len(completions_S)
 
         async def score_one(index: int, completion_T: Sequence[int]) -> None:
-            results_S[index] = await self._score_one(prompt_ids_T, completion_T)
+            results_S[index] = await self._score_one(prompt_ids_T, completion_T, top_k=top_k)
 
         async with anyio.create_task_group() as tg:
             for index, completion_T in enumerate(completions_S):
                 tg.start_soon(score_one, index, completion_T)
         return [result for result in results_S if result is not None]
 
-    async def _score_one(self, prompt_ids_T: Sequence[int], completion_T: Sequence[int]) -> ScoredCompletion:
+    async def _score_one(
+        self, prompt_ids_T: Sequence[int], completion_T: Sequence[int], *, top_k: int = 0
+    ) -> ScoredCompletion:
         # An empty completion has nothing to score; the advantage stage rejects it as empty_completion.
         if not completion_T:
             return ScoredCompletion(logprobs_T=(), echoed_ids_T=())
         path, body = score_request(self._wire, model=self._model, prompt_ids_T=prompt_ids_T,
-                                   completion_ids_T=completion_T)
+                                   completion_ids_T=completion_T, top_k=top_k)
         try:
             response = await self._deployment.post_json(path, body)
         except BackendError as exc:
             return ScoredCompletion(logprobs_T=None, failure=f"teacher_{exc.reason}")
         try:
             return parse_score(self._wire, response.body, prompt_ids_T=prompt_ids_T, completion_ids_T=completion_T,
-                               deployment=self._deployment.name)
+                               deployment=self._deployment.name, top_k=top_k)
         except BackendError as exc:
             log.warning("teacher_response_rejected", deployment=self._deployment.name, reason=exc.reason,
                         error=str(exc))

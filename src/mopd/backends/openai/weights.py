@@ -5,9 +5,10 @@ that the student server can read, then this module requests every replica to loa
 them:
 
     lora  POST /v1/load_lora_adapter {lora_name, lora_path} under a new name per
-          policy version (vLLM with --enable-lora and runtime LoRA updating, or
-          the mopd model server, which also accepts a full-weights directory);
-          later requests select the weights with "model": lora_name.
+          policy version; later requests select the weights with "model":
+          lora_name. vLLM (--enable-lora, runtime LoRA updating) loads peft
+          adapter directories, which the trainer writes when it trains LoRA and
+          publishes adapters; the mopd model server loads adapters and full weights.
     disk  POST /update_weights_from_disk {model_path} (SGLang, or the mopd
           model server); the served name stays the same.
 
@@ -79,8 +80,6 @@ class ServerWeightSync:
         server_path = str(Path(self._server_dir) / directory.name) if self._server_dir else str(directory.resolve())
 
         # 2. Ask every replica to load them; only then switch the sampler.
-        # TODO: write a PEFT adapter when the trainer trains LoRA; vLLM's
-        # load_lora_adapter rejects the full-weights directory written here.
         if self._mode == "lora":
             name = f"{self._prefix}-v{version}"
             await self._deployment.post_each("/v1/load_lora_adapter", {"lora_name": name, "lora_path": server_path},
