@@ -45,9 +45,6 @@ class TrainingPlan:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     seed: int = 0
-    label_smoothing: float = 0.0
-    """Share of each target's probability spread over the vocabulary; above 0
-    the model stays unsure where it has not learned, so it keeps exploring."""
 
 
 def build_model(*, tokenizer: PreTrainedTokenizerBase, shape: ModelShape, seed: int) -> Qwen2ForCausalLM:
@@ -187,8 +184,7 @@ def train_supervised(
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         # Position t predicts token t + 1.
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
-            label_smoothing=plan.label_smoothing,
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

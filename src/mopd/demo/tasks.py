@@ -1,9 +1,8 @@
 """The two demo routes and their JSONL data sets.
 
 ``arithmetic-teacher`` handles addition of two 2-digit numbers and
-``math-teacher`` handles a 1-digit number times a 2-digit number. Fixed operand
-widths give every prompt of a route the same length, which keeps the tiny
-models' job positional and lets them learn it in about a minute on a CPU.
+``math-teacher`` the times table from 2 to 9. Fixed operand widths give every
+prompt of a route the same length, which keeps the tiny models' job positional.
 """
 
 from __future__ import annotations
