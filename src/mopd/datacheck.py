@@ -47,7 +47,7 @@ class Finding:
 
 
 def contains_answer(messages: Any, answer: str) -> bool:
-    """Return whether any message text holds ``answer`` as a whole token."""
+    """Return whether any message text contains ``answer`` as a whole token."""
     pattern = re.compile(r"(?<![0-9A-Za-z.])" + re.escape(answer) + r"(?![0-9A-Za-z]|\.[0-9])")
     return any(pattern.search(text) for text in _texts(messages))
 

@@ -39,14 +39,14 @@ class RouteCurves:
 def read_curves(state_dir: Path) -> dict[str, RouteCurves]:
     """Collect per-route curves from ``steps.jsonl`` and ``summary.json`` in ``state_dir``.
 
-    :raises ReportError: when the directory holds no step records.
+    :raises ReportError: when the directory contains no step records.
     """
     steps_path = state_dir / "steps.jsonl"
     if not steps_path.is_file():
         raise ReportError(f"{str(steps_path)!r} does not exist; point the report at the MOPD_STATE_DIR of a run")
     records = [orjson.loads(line) for line in steps_path.read_bytes().splitlines() if line.strip()]
     if not records:
-        raise ReportError(f"{str(steps_path)!r} holds no step records; the run has not finished a step yet")
+        raise ReportError(f"no step records in {str(steps_path)!r}: the run has not finished a step yet; run mopd-serve until it logs a train_step")
 
     curves: dict[str, RouteCurves] = {}
     previous_finish: float | None = None

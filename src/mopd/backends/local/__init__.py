@@ -38,7 +38,7 @@ class LocalBackends:
 
 
 def lora_spec(settings: Settings) -> LoraSpec | None:
-    """The LoRA settings of the local trainer, or None when MOPD_LORA_RANK is 0."""
+    """Return the LoRA settings of the local trainer, or None when MOPD_LORA_RANK is 0."""
     if not settings.lora_rank:
         return None
     return LoraSpec(
