@@ -32,13 +32,18 @@ def committed_step(state: Path) -> int:
         return -1
 
 
+def wait_for_commit(process: subprocess.Popen, state: Path, step: int) -> None:
+    """Wait up to 120 s until a checkpoint of ``step`` or later is committed or the process ends."""
+    deadline = time.monotonic() + 120
+    while committed_step(state) < step and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+
+
 def kill_after_step(env: dict[str, str], state: Path, step: int) -> None:
     """Start the service and SIGKILL it once a checkpoint of ``step`` or later is committed."""
     process = serve(env)
     try:
-        deadline = time.monotonic() + 120
-        while committed_step(state) < step and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.05)
+        wait_for_commit(process, state, step)
         assert process.poll() is None, "the service ended before it was killed"
         assert committed_step(state) >= step
     finally:
@@ -50,9 +55,7 @@ def stop_after_step(env: dict[str, str], state: Path, step: int, *, signals: int
     """Start the service, send SIGTERM ``signals`` times once ``step`` is committed; return the exit status."""
     process = serve(env)
     try:
-        deadline = time.monotonic() + 120
-        while committed_step(state) < step and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.05)
+        wait_for_commit(process, state, step)
         assert process.poll() is None, "the service ended before it was stopped"
         for _ in range(signals):
             process.send_signal(signal.SIGTERM)

@@ -43,8 +43,8 @@ def test_curves_cover_both_routes(tmp_path: Path) -> None:
     assert len(arithmetic.reverse_kl) == 30
     # Steps finish 2 s apart, so 100 tokens a step are 50 tokens per second after the first step.
     assert arithmetic.tokens_per_second[1] == (2, pytest.approx(50.0))
-    # Accuracy: before (step 0), the evaluations every 10 steps; the last one is at the final step,
-    # so the summary's after value is not drawn twice.
+    # Accuracy is drawn before training (step 0) and at each evaluation every 10 steps.
+    # The last evaluation is at the final step, so the summary's after value is not drawn twice.
     assert [step for step, _ in arithmetic.accuracy] == [0, 10, 20, 30]
     assert arithmetic.accuracy[0] == (0, 0.25)
     assert curves["math-teacher"].trace_logprob_gap[-1] == (30, pytest.approx(2.0 / 30))

@@ -174,6 +174,14 @@ def ended_rows(state_dir: Path) -> tuple[Counter[str], Counter[str]]:
     return Counter(i for step in steps for i in step["row_ids"]), Counter(r["row_id"] for r in rejects)
 
 
+def assert_each_row_ended_once(state_dir: Path, good: set[str], bad: set[str]) -> None:
+    trained, rejected = ended_rows(state_dir)
+    assert set(trained) == good
+    assert max(trained.values()) == 1
+    assert set(rejected) == bad
+    assert max(rejected.values()) == 1
+
+
 async def test_crash_between_checkpoints_retrains_only_uncommitted_rows(
     tmp_path: Path, renderer: PromptRenderer
 ) -> None:
@@ -191,11 +199,7 @@ async def test_crash_between_checkpoints_retrains_only_uncommitted_rows(
     # 2. Restart and run to the end of the input.
     await run_life(state_dir, data, renderer)
 
-    trained, rejected = ended_rows(state_dir)
-    assert set(trained) == good
-    assert max(trained.values()) == 1
-    assert set(rejected) == bad
-    assert max(rejected.values()) == 1
+    assert_each_row_ended_once(state_dir, good, bad)
     checkpoint = orjson.loads((state_dir / "checkpoint.json").read_bytes())
     assert checkpoint["counters"]["rows_trained"] == len(good)
     assert checkpoint["counters"]["rows_rejected"] == len(bad)
@@ -230,11 +234,7 @@ async def test_lines_after_last_commit_are_cut_on_restart(tmp_path: Path, render
 
     await run_life(state_dir, data, renderer)
 
-    trained, rejected = ended_rows(state_dir)
-    assert set(trained) == good
-    assert max(trained.values()) == 1
-    assert set(rejected) == bad
-    assert max(rejected.values()) == 1
+    assert_each_row_ended_once(state_dir, good, bad)
 
 
 async def test_epoch_count_survives_restart(tmp_path: Path, renderer: PromptRenderer) -> None:

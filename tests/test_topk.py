@@ -79,7 +79,8 @@ async def test_local_scorer_topk_matches_full_distribution(tiny_models: Path) ->
         (scored,) = await scorer.score(prompt, [completion], top_k=5)
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + completion])).logits[0].float(), -1)
-        assert scored.topk_ids_TK is not None and scored.topk_logprobs_TK is not None
+        assert scored.topk_ids_TK is not None
+        assert scored.topk_logprobs_TK is not None
         for j in range(len(completion)):
             values, ids = logp[len(prompt) - 1 + j].topk(5)
             assert list(scored.topk_ids_TK[j]) == ids.tolist()

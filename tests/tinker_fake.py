@@ -45,7 +45,7 @@ class FakeTinker:
     """Sampling session id -> the tinker:// path (or base model) it samples from."""
     saved_paths: list[str] = field(default_factory=list)
     unscored_prefix: int = 1
-    """Prompt positions answered with None (NaN on the wire); 1 is the first token, as the real service does."""
+    """Leading prompt positions whose logprob is None (NaN on the wire). The default 1 leaves only the first token unscored."""
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def paths(self) -> list[str]:
@@ -175,8 +175,8 @@ class FakeTinker:
             response.prompt_logprobs = values.tobytes()
         k = request.get("topk_prompt_logprobs") or 0
         if k:
-            # Candidate j at position p is token p + j with logprob PROMPT_LOGPROB * (j + 1);
-            # unscored positions carry the SDK's mask (id 0, MASK_LOGPROB).
+            # Candidate j at position p is token p + j with logprob PROMPT_LOGPROB * (j + 1).
+            # Unscored positions carry the SDK's mask (id 0, MASK_LOGPROB).
             ids = np.zeros((len(prompt), k), dtype=np.int32)
             logprobs = np.full((len(prompt), k), MASK_LOGPROB, dtype=np.float32)
             for position in range(len(prompt)):

@@ -112,7 +112,7 @@ def blend_completion(teachers: Sequence[tuple[float, ScoredCompletion]], *, k: i
 
 
 class BlendedScorer:
-    """A route's scorer for ``topk_forward_kl``: asks each of its teachers for top-K and blends.
+    """Scorer of one route for ``topk_forward_kl``: requests top-K from each of its teachers and blends them.
 
     :param k: candidates requested from every teacher and kept after blending.
     """

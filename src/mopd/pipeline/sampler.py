@@ -106,9 +106,10 @@ async def release_parked_rows(
 
     ``send_rows`` is a clone of the reader's stream into ``receive_rows``, so
     the sampler's input ends only when this stage closes it too.
-    That happens once the reader has finished, the sampler waits for input
-    with nothing buffered, and no row is parked or has taken a route credit (a
-    row in flight may still be parked), or once the gate closed on a stop request.
+    It closes once the gate closed on a stop request, or once all of these
+    are true: the reader has finished, the sampler waits for input with nothing
+    buffered, and no row is parked or has a route credit. A row in flight
+    may still be parked, which is why credits count.
     """
     async with send_rows:
         while True:
