@@ -22,7 +22,7 @@ from mopd.demo import (
     is_correct,
     load_demo,
 )
-from mopd.demo.tasks import Problem, all_problems, read_jsonl
+from mopd.demo.tasks import Problem, all_problems, read_jsonl, split_problems
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +141,8 @@ def test_is_correct_compares_final_answer() -> None:
 def test_problems_match_their_questions() -> None:
     assert Problem(ARITHMETIC_ROUTE, 18, 24).question == "Solve 18 + 24. End with Final: <answer>."
     assert Problem(ARITHMETIC_ROUTE, 18, 24).completion == "Final: 42"
-    assert Problem(MATH_ROUTE, 7, 12).question == "Solve 7 * 12. End with Final: <answer>."
-    assert Problem(MATH_ROUTE, 7, 12).answer == "84"
+    assert Problem(MATH_ROUTE, 347, 2).question == "Solve 347 * 2. End with Final: <answer>."
+    assert Problem(MATH_ROUTE, 347, 2).answer == "694"
     with pytest.raises(ValueError, match="invalid demo route"):
         all_problems(route="no-such-teacher")
 
@@ -168,21 +168,19 @@ def test_training_file_interleaves_both_routes(assets: DemoAssets) -> None:
     assert set(routes[:50]) == set(ROUTES)
 
 
-def test_heldout_addition_not_in_training(assets: DemoAssets) -> None:
+def test_heldout_problems_not_in_training(assets: DemoAssets) -> None:
     train = {json.dumps(row["messages"]) for row in read_jsonl(assets.train_path)}
     heldout_rows = read_jsonl(assets.heldout_path)
 
     assert {route: sum(row["teacher"] == route for row in heldout_rows) for route in ROUTES} == {
-        ARITHMETIC_ROUTE: 100, MATH_ROUTE: 64,
+        ARITHMETIC_ROUTE: 100, MATH_ROUTE: 100,
     }
-    heldout_addition = {json.dumps(row["messages"]) for row in heldout_rows if row["teacher"] == ARITHMETIC_ROUTE}
-    assert not heldout_addition & train
+    assert not {json.dumps(row["messages"]) for row in heldout_rows} & train
 
 
-def test_times_table_is_trained_whole(assets: DemoAssets) -> None:
-    # 64 problems cannot spare 100 for held-out rows, so the table is trained and held out whole.
-    train = {json.dumps(row["messages"]) for row in read_jsonl(assets.train_path) if row["teacher"] == MATH_ROUTE}
-    assert len(train) == 64
+def test_split_refuses_a_heldout_share_the_route_cannot_spare() -> None:
+    with pytest.raises(ValueError, match=r"heldout_count must be between 1 and 225 for route 'math-teacher'"):
+        split_problems(route=MATH_ROUTE, heldout_count=300, seed=1)
 
 
 def test_data_files_are_deterministic(assets: DemoAssets, tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """The two demo routes and their JSONL data sets.
 
 ``arithmetic-teacher`` handles addition of two 2-digit numbers and
-``math-teacher`` the times table from 2 to 9. Fixed operand widths give every
-prompt of a route the same length, which keeps the tiny models' job positional.
+``math-teacher`` multiplication of a 3-digit number by 2. Fixed operand widths
+give every prompt of a route the same length, which keeps the tiny models' job
+positional.
 """
 
 from __future__ import annotations
@@ -60,40 +61,37 @@ class Problem:
 def all_problems(*, route: str) -> list[Problem]:
     """Return every problem of ``route`` in a fixed order.
 
-    Addition covers every pair of two-digit numbers (8,100 problems), so its
-    held-out problems can be kept out of training. Multiplication is the
-    times table from 2 to 9 (64 problems), small enough for a tiny teacher to
-    learn in a minute and for on-policy distillation to teach in a few minutes.
+    Addition covers every pair of two-digit numbers (8,100 problems) and
+    multiplication every 3-digit number times 2 (900 problems), so both routes
+    keep their held-out problems out of training. Each answer digit depends on
+    a few operand digits, a rule that a tiny model generalizes: what on-policy
+    distillation teaches on one problem carries over to the others. A route of
+    unrelated facts (a times table) does not: the student must sample each
+    right answer before it is rewarded, and learns far more slowly.
     """
     if route == ARITHMETIC_ROUTE:
         return [Problem(route, left, right) for left in range(10, 100) for right in range(10, 100)]
     if route == MATH_ROUTE:
-        return [Problem(route, left, right) for left in range(2, 10) for right in range(2, 10)]
+        return [Problem(route, left, 2) for left in range(100, 1000)]
     raise ValueError(f"invalid demo route {route!r}: expected one of {ROUTES}")
 
 
 @dataclass(frozen=True, slots=True)
 class ProblemSplit:
-    """Training and held-out problems of one route (disjoint unless the route is small)."""
+    """Training and held-out problems of one route, disjoint."""
 
     train: tuple[Problem, ...]
     heldout: tuple[Problem, ...]
 
 
 def split_problems(*, route: str, heldout_count: int, seed: int) -> ProblemSplit:
-    """Shuffle the problems of ``route`` with ``seed`` and hold out the first ``heldout_count``.
-
-    A route with fewer than four times ``heldout_count`` problems (the times
-    table) cannot spare them: all its problems are both trained and held out
-    (at most ``heldout_count``), so its accuracy measures how well the table
-    was learned, not generalization.
-    """
+    """Shuffle the problems of ``route`` with ``seed`` and hold out the first ``heldout_count``."""
     problems = all_problems(route=route)
-    if heldout_count < 1:
-        raise ValueError(f"heldout_count must be at least 1, got {heldout_count}")
+    if not 1 <= heldout_count <= len(problems) // 4:
+        raise ValueError(
+            f"heldout_count must be between 1 and {len(problems) // 4} for route {route!r}, got {heldout_count}"
+        )
     random.Random(f"{seed}:{route}").shuffle(problems)
-    if len(problems) < 4 * heldout_count:
-        return ProblemSplit(train=tuple(problems), heldout=tuple(problems[:heldout_count]))
     return ProblemSplit(train=tuple(problems[heldout_count:]), heldout=tuple(problems[:heldout_count]))
 
 
@@ -178,10 +176,9 @@ def plan_datasets(
 ) -> DemoData:
     """Return the demo data for ``seed`` without writing it.
 
-    Held-out addition problems never appear in the training rows; the times
-    table is too small to hold any out (see ``split_problems``). The training rows
-    mix both routes in one seeded shuffle, and the held-out rows list each
-    route's problems in a block, route by route.
+    Held-out problems never appear in the training rows. The training rows mix
+    both routes in one seeded shuffle, and the held-out rows list each route's
+    problems in a block, route by route.
     """
     splits = {
         route: split_problems(route=route, heldout_count=heldout_per_route, seed=seed) for route in ROUTES
