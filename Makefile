@@ -33,18 +33,19 @@ demo-build: $(STAMP)
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-## demo-topk: the embedded demo trained with topk_forward_kl on both teachers' blended top-20, then its report PNG
+## demo-topk: the embedded demo trained with topk_forward_kl on both teachers' blended top-20 (own teacher weighted 19:1), then its report PNG
 demo-topk: export MOPD_STATE_DIR ?= runs/demo-topk
 demo-topk: $(STAMP)
-	MOPD_LOSS_FN=topk_forward_kl MOPD_TOPK=20 MOPD_TOPK_BLEND=all MOPD_TOPK_ROUTE_WEIGHT=4 \
+	MOPD_LOSS_FN=topk_forward_kl MOPD_TOPK=20 MOPD_TOPK_BLEND=all MOPD_TOPK_ROUTE_WEIGHT=19 \
 	MOPD_EVAL_EVERY_STEPS=50 $(BIN)/mopd-serve
 	$(BIN)/mopd report $(MOPD_STATE_DIR)
 
-## demo-lora: the embedded demo with a rank-16 LoRA student (merged weights published), then its report PNG
+## demo-lora: the demo-topk run with a rank-16 LoRA student (merged weights published), then its report PNG
 demo-lora: export MOPD_STATE_DIR ?= runs/demo-lora
 demo-lora: $(STAMP)
-	MOPD_LORA_RANK=16 MOPD_LORA_ALPHA=32 MOPD_LEARNING_RATE=0.002 MOPD_EVAL_EVERY_STEPS=50 \
-	$(BIN)/mopd-serve
+	MOPD_LORA_RANK=16 MOPD_LORA_ALPHA=32 MOPD_LEARNING_RATE=0.001 \
+	MOPD_LOSS_FN=topk_forward_kl MOPD_TOPK=20 MOPD_TOPK_BLEND=all MOPD_TOPK_ROUTE_WEIGHT=19 \
+	MOPD_EVAL_EVERY_STEPS=50 $(BIN)/mopd-serve
 	$(BIN)/mopd report $(MOPD_STATE_DIR)
 
 ## report: draw the per-route curves of the run in MOPD_STATE_DIR (default runs/mopd) into report.png there

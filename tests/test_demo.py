@@ -178,7 +178,7 @@ def test_heldout_problems_not_in_training(assets: DemoAssets) -> None:
     assert not {json.dumps(row["messages"]) for row in heldout_rows} & train
 
 
-def test_split_refuses_a_heldout_share_the_route_cannot_spare() -> None:
+def test_split_rejects_oversized_heldout() -> None:
     with pytest.raises(ValueError, match=r"heldout_count must be between 1 and 225 for route 'math-teacher'"):
         split_problems(route=MATH_ROUTE, heldout_count=300, seed=1)
 

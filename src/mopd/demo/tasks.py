@@ -64,10 +64,11 @@ def all_problems(*, route: str) -> list[Problem]:
     Addition covers every pair of two-digit numbers (8,100 problems) and
     multiplication every 3-digit number times 2 (900 problems), so both routes
     keep their held-out problems out of training. Each answer digit depends on
-    a few operand digits, a rule that a tiny model generalizes: what on-policy
-    distillation teaches on one problem carries over to the others. A route of
-    unrelated facts (a times table) does not: the student must sample each
-    right answer before it is rewarded, and learns far more slowly.
+    a few operand digits, a rule that a tiny model generalizes, so what
+    on-policy distillation teaches on one problem carries over to the others.
+    A route of unrelated facts, such as a times table, learns far more slowly,
+    because the student is rewarded for each right answer only after it
+    samples that answer.
     """
     if route == ARITHMETIC_ROUTE:
         return [Problem(route, left, right) for left in range(10, 100) for right in range(10, 100)]
