@@ -64,8 +64,8 @@ def all_problems(*, route: str) -> list[Problem]:
     Addition covers every pair of two-digit numbers (8,100 problems) and
     multiplication every 3-digit number times 2 (900 problems), so both routes
     keep their held-out problems out of training. Each answer digit depends on
-    a few operand digits, a rule that a tiny model generalizes, so what
-    on-policy distillation teaches on one problem carries over to the others.
+    a few operand digits. A tiny model generalizes that rule, so what on-policy
+    distillation teaches on one problem carries over to the others.
     A route of unrelated facts, such as a times table, learns far more slowly,
     because the student is rewarded for each right answer only after it
     samples that answer.
