@@ -39,3 +39,14 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gsm8k_routed() -> Path:
     """200 real GSM8K problems in the routed row format."""
     return DATA / "gsm8k_routed.jsonl"
+
+
+@pytest.fixture
+def executor():
+    """A device executor for local-backend tests, closed and joined afterwards."""
+    from mopd.backends.local.executor import DeviceExecutor
+
+    executor = DeviceExecutor(max_batch_size=64, batch_wait_seconds=0.01)
+    yield executor
+    executor.close()
+    executor.join(5)

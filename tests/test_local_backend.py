@@ -17,14 +17,6 @@ CPU = torch.device("cpu")
 EOS = 2
 
 
-@pytest.fixture
-def executor():
-    executor = DeviceExecutor(max_batch_size=64, batch_wait_seconds=0.01)
-    yield executor
-    executor.close()
-    executor.join(5)
-
-
 async def test_executor_batches_concurrent_jobs(executor: DeviceExecutor) -> None:
     batches: list[int] = []
 

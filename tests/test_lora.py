@@ -17,14 +17,6 @@ EOS = 2
 PROMPT, COMPLETION = [1, 30, 31], [40, 41]
 
 
-@pytest.fixture
-def executor():
-    executor = DeviceExecutor(max_batch_size=64, batch_wait_seconds=0.01)
-    yield executor
-    executor.close()
-    executor.join(5)
-
-
 def _spec(publish: str, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> LoraSpec:
     return LoraSpec(rank=4, alpha=8.0, target_modules=targets, publish=publish)
 
